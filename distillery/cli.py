@@ -1,0 +1,161 @@
+"""The ``distillery`` command line.
+
+Exit codes: 0 success; 1 a run failed (the message says why); 2 bad usage or a bad recipe
+(the message names the field). ``distillery run`` prints progress on standard error and the
+published version's URI as the last line of standard output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from schemas.recipe import RecipeError, load_recipe
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"distillery: error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = list(args.set or [])
+    if args.limit is not None:
+        overrides.append(f"seeds.limit={args.limit}")
+    try:
+        recipe = load_recipe(args.recipe, overrides)
+    except RecipeError as err:
+        return _fail(str(err), 2)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls out
+    from distillery.model_setup import ModelNotFound, resolve_model_path
+
+    try:
+        resolve_model_path(recipe.model.path)  # fail in a second, not after Prefect and Ray start
+    except ModelNotFound as err:
+        return _fail(f"model.path: {err}", 1)
+    from distillery.uri_io import StorageError
+    from flows.synthesize import synthesize
+
+    try:
+        uri = synthesize(recipe, store=args.store)
+    except (ModelNotFound, StorageError) as err:
+        return _fail(str(err), 1)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # before the URI, so no worker output follows it
+    sys.stderr.flush()
+    print(uri, flush=True)
+    return 0
+
+
+def _store(args: argparse.Namespace):
+    from distillery.store import Store
+
+    return Store(args.store)
+
+
+def cmd_datasets_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    rows = []
+    for name in store.datasets():
+        for version in store.versions(name):
+            m = store.manifest(name, version)
+            rows.append((name, version, m["created_at"], m["counts"]["input"], m["counts"]["published"], store.uri(f"{name}/{version}")))
+    if not rows:
+        print(f"no data sets in {store.root}", file=sys.stderr)
+        return 0
+    print(f"{'dataset':24} {'version':8} {'created':25} {'input':>7} {'published':>9}  uri")
+    for name, version, created, n_in, n_out, uri in rows:
+        print(f"{name:24} {version:8} {created:25} {n_in:>7} {n_out:>9}  {uri}")
+    return 0
+
+
+def cmd_datasets_show(args: argparse.Namespace) -> int:
+    from distillery.store import VersionNotFound
+
+    try:
+        manifest = _store(args).manifest(args.name, args.version)
+    except VersionNotFound as err:
+        return _fail(str(err), 1)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    from distillery.stages.publish import render_card
+
+    print(render_card(manifest))
+    return 0
+
+
+def cmd_datasets_diff(args: argparse.Namespace) -> int:
+    import io
+
+    import polars as pl
+
+    from distillery.store import VersionNotFound
+
+    store = _store(args)
+    try:
+        old, new = store.manifest(args.name, args.old), store.manifest(args.name, args.new)
+    except VersionNotFound as err:
+        return _fail(str(err), 1)
+
+    def sample_ids(m: dict) -> set[str]:
+        base = f"{m['dataset']}/{m['version']}"
+        frames = [pl.read_parquet(io.BytesIO(store.get(f"{base}/{s['path']}")), columns=["sample_id"]) for s in m["shards"]]
+        return set(pl.concat(frames)["sample_id"].to_list()) if frames else set()
+
+    before, after = sample_ids(old), sample_ids(new)
+    print(f"{args.name}: {old['version']} -> {new['version']}")
+    print(f"  rows: {len(before)} -> {len(after)} (+{len(after - before)} added, -{len(before - after)} removed, {len(before & after)} in both)")
+    print(f"  recipe: {'same' if old['recipe_hash'] == new['recipe_hash'] else 'changed'} ({old['recipe_hash'][:12]} -> {new['recipe_hash'][:12]})")
+    print(f"  code: {old['code_version']} -> {new['code_version']}")
+    print(f"  model: {old['generator'].get('model')} -> {new['generator'].get('model')}")
+    for key in sorted(set(old.get("stats", {})) | set(new.get("stats", {}))):
+        a, b = old.get("stats", {}).get(key), new.get("stats", {}).get(key)
+        if a != b and not isinstance(a, dict) and not isinstance(b, dict):
+            print(f"  {key}: {a} -> {b}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from distillery.store import default_store
+
+    parser = argparse.ArgumentParser(prog="distillery", description="Synthesize, verify, curate and publish post-training data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe end to end; prints the published version's URI last")
+    run.add_argument("recipe", help="path to a recipe YAML file (see recipes/)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. --set generation.temperature=0.7 (repeatable)")
+    run.add_argument("--store", default=default_store(), help="store URI: a folder or s3://bucket/prefix (default: $DISTILLERY_STORE or ./store)")
+    run.add_argument("--limit", type=int, help="read at most N seed rows")
+    run.set_defaults(func=cmd_run)
+
+    datasets = sub.add_parser("datasets", help="list, show and diff published versions")
+    datasets.add_argument("--store", default=default_store(), help="store URI (default: $DISTILLERY_STORE or ./store)")
+    dsub = datasets.add_subparsers(dest="datasets_command", required=True)
+    dsub.add_parser("list", help="every complete version in the store").set_defaults(func=cmd_datasets_list)
+    show = dsub.add_parser("show", help="one version's card (or manifest with --json)")
+    show.add_argument("name")
+    show.add_argument("version", nargs="?", default="latest")
+    show.add_argument("--json", action="store_true", help="print the whole manifest")
+    show.set_defaults(func=cmd_datasets_show)
+    diff = dsub.add_parser("diff", help="what changed between two versions")
+    diff.add_argument("name")
+    diff.add_argument("old")
+    diff.add_argument("new", nargs="?", default="latest")
+    diff.set_defaults(func=cmd_datasets_diff)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

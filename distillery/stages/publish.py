@@ -1,0 +1,133 @@
+"""Publish: Parquet shards, rejects and a data card, then ``manifest.json`` last.
+
+Before anything is written the published table is checked against its data contract and the
+stage counts are checked to add up; either failing stops the publish with nothing visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from distillery.accounting import AccountingError, StageCount
+from distillery.contracts import load_contract
+from distillery.store import Store
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Published:
+    uri: str
+    manifest: dict
+
+
+def check_counts(input_rows: int, stages: list[StageCount], published: int) -> None:
+    """The manifest's invariant: each stage adds up, and the stages chain from input to published."""
+    if not stages:
+        raise AccountingError("no stages")
+    for stage in stages:
+        stage.check()
+    if stages[0].rows_in != input_rows:
+        raise AccountingError(f"first stage {stages[0].stage!r} took {stages[0].rows_in} rows, input was {input_rows}")
+    for before, after in zip(stages, stages[1:]):
+        if before.rows_out != after.rows_in:
+            raise AccountingError(f"stage {before.stage!r} passed on {before.rows_out} rows but {after.stage!r} took {after.rows_in}")
+    if stages[-1].rows_out != published:
+        raise AccountingError(f"last stage {stages[-1].stage!r} passed on {stages[-1].rows_out} rows, {published} published")
+
+
+def parquet_bytes(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(frame.to_arrow(), buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def _write_shards(store: Store, prefix: str, frame: pl.DataFrame, shard_rows: int) -> list[dict]:
+    shards = []
+    for index, start in enumerate(range(0, max(frame.height, 1), shard_rows)):
+        part = frame.slice(start, shard_rows)
+        data = parquet_bytes(part)
+        key = f"{prefix}/part-{index:05d}.parquet"
+        store.put(key, data)
+        shards.append({"path": key.split("/", 2)[2], "rows": part.height, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    return shards
+
+
+def render_card(manifest: dict) -> str:
+    counts = manifest["counts"]
+    lines = [
+        f"# {manifest['dataset']} {manifest['version']}",
+        "",
+        manifest.get("description") or "",
+        "",
+        f"- created: {manifest['created_at']}",
+        f"- recipe: `{manifest['recipe']['name']}` (sha256 `{manifest['recipe_hash'][:12]}`)",
+        f"- code: `{manifest['code_version']}`",
+        f"- model: `{manifest['generator'].get('model')}` on {manifest['generator'].get('engine')}",
+        f"- parents: {', '.join(p['uri'] for p in manifest['parents']) or 'none'}",
+        "",
+        "## Row accounting",
+        "",
+        "| stage | rows in | fan-out | dropped | rows out |",
+        "| --- | ---: | ---: | --- | ---: |",
+    ]
+    for s in counts["stages"]:
+        dropped = ", ".join(f"{reason}: {n}" for reason, n in s["dropped"].items()) or "-"
+        lines.append(f"| {s['stage']} | {s['rows_in']} | {s['fanout']} | {dropped} | {s['rows_out']} |")
+    lines += ["", f"Input rows: {counts['input']}; published rows: {counts['published']}; rejected rows: {counts['rejected']} (in `rejects/`).", ""]
+    if manifest.get("stats"):
+        lines += ["## Statistics", "", "| statistic | value |", "| --- | ---: |"]
+        lines += [f"| {k} | {v} |" for k, v in manifest["stats"].items() if not isinstance(v, dict)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def publish_version(
+    store: Store,
+    dataset: str,
+    rows: pl.DataFrame,
+    rejects: pl.DataFrame,
+    *,
+    input_rows: int,
+    stages: list[StageCount],
+    run_id: str,
+    metadata: dict,
+    shard_rows: int,
+    contract: str = "samples",
+) -> Published:
+    """Write one new immutable version; return its URI and manifest.
+
+    ``metadata`` carries the lineage fields (recipe, recipe_hash, code_version, generator,
+    parents, flow_run_id, stats, description) that go into the manifest as they are.
+    """
+    check_counts(input_rows, stages, rows.height)
+    data_contract = load_contract(contract)
+    data_contract.check_table(rows)
+    version = store.claim_version(dataset, run_id)
+    base = f"{dataset}/{version}"
+    manifest = {
+        "dataset": dataset,
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "schema_version": SCHEMA_VERSION,
+        "contract": {"name": data_contract.name, "version": data_contract.version},
+        "counts": {
+            "input": input_rows,
+            "published": rows.height,
+            "rejected": rejects.height,
+            "stages": [s.as_dict() for s in stages],
+        },
+        "shards": _write_shards(store, f"{base}/data", rows, shard_rows),
+        "reject_shards": _write_shards(store, f"{base}/rejects", rejects, shard_rows),
+        **metadata,
+    }
+    store.put(f"{base}/card.md", render_card(manifest).encode())
+    store.put(f"{base}/manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+    return Published(store.uri(base), manifest)

@@ -1,0 +1,159 @@
+"""The versioned store: ``STORE/NAME/vNNNN/{manifest.json, data/, rejects/, card.md}``.
+
+A store is a local folder or ``s3://bucket/prefix``. A version is complete if and only if its
+``manifest.json`` exists, and the manifest is written last, so readers never see half a
+version. A publisher claims a version number with an exclusive write (``O_EXCL`` on disk,
+``If-None-Match: *`` on S3) before writing anything else, so two publishers never share one;
+a publish that dies leaves a claimed, manifest-less number that readers skip and that is never
+reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from distillery.uri_io import StorageError, _s3_error, is_s3, s3_client, split_s3
+
+VERSION_DIR = re.compile(r"^v(\d{4,})$")
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class VersionNotFound(LookupError):
+    pass
+
+
+def _check_name(name: str) -> str:
+    if not NAME.match(name) or ".." in name:
+        msg = f"data set name {name!r}: use 1-64 of a-z 0-9 . _ - starting with a letter or digit"
+        raise ValueError(msg)
+    return name
+
+
+class Store:
+    """Bytes by key under a root (a folder or an S3 prefix)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/") if is_s3(root) else str(Path(root).expanduser().resolve())
+        if is_s3(self.root):
+            self.bucket, self.prefix = split_s3(self.root + "/")
+
+    def uri(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    # -- primitive operations ------------------------------------------------------------
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> bool:
+        """Write ``data`` at ``key`` atomically. With ``exclusive``, return False if it exists."""
+        if is_s3(self.root):
+            extra = {"IfNoneMatch": "*"} if exclusive else {}
+            try:
+                s3_client().put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, **extra)
+            except Exception as err:
+                code = getattr(err, "response", {}).get("Error", {}).get("Code")
+                if exclusive and code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    return False
+                raise _s3_error(self.uri(key), err) from err
+            return True
+        path = Path(self.root, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if exclusive:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # readers see the old file or the whole new one
+        return True
+
+    def get(self, key: str) -> bytes:
+        if is_s3(self.root):
+            try:
+                return s3_client().get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+            except Exception as err:
+                raise _s3_error(self.uri(key), err) from err
+        try:
+            return Path(self.root, key).read_bytes()
+        except FileNotFoundError:
+            msg = f"{self.uri(key)}: no such file"
+            raise StorageError(msg) from None
+
+    def exists(self, key: str) -> bool:
+        if is_s3(self.root):
+            try:
+                s3_client().head_object(Bucket=self.bucket, Key=self.prefix + key)
+            except Exception as err:
+                code = getattr(err, "response", {}).get("Error", {}).get("Code")
+                if code in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise _s3_error(self.uri(key), err) from err
+            return True
+        return Path(self.root, key).is_file()
+
+    def children(self, key: str) -> list[str]:
+        """Names directly under ``key`` (folders and files)."""
+        if is_s3(self.root):
+            names: set[str] = set()
+            paginator = s3_client().get_paginator("list_objects_v2")
+            prefix = self.prefix + (key.rstrip("/") + "/" if key else "")
+            try:
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+                    names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+                    names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
+            except Exception as err:
+                raise _s3_error(self.uri(key), err) from err
+            return sorted(names)
+        folder = Path(self.root, key)
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    # -- versions ----------------------------------------------------------------------
+    def datasets(self) -> list[str]:
+        return [n for n in self.children("") if NAME.match(n) and self.versions(n)]
+
+    def _version_numbers(self, dataset: str) -> list[int]:
+        return sorted(int(m.group(1)) for n in self.children(_check_name(dataset)) if (m := VERSION_DIR.match(n)))
+
+    def versions(self, dataset: str) -> list[str]:
+        """Complete versions (those with a manifest), oldest first."""
+        return [f"v{n:04d}" for n in self._version_numbers(dataset) if self.exists(f"{dataset}/v{n:04d}/manifest.json")]
+
+    def claim_version(self, dataset: str, run_id: str) -> str:
+        """Reserve the next version number for this run; never the same number twice."""
+        numbers = self._version_numbers(dataset)
+        n = (numbers[-1] + 1) if numbers else 1
+        while not self.put(f"{dataset}/v{n:04d}/_claim", run_id.encode(), exclusive=True):
+            n += 1
+        return f"v{n:04d}"
+
+    def manifest(self, dataset: str, version: str = "latest") -> dict:
+        if version == "latest":
+            versions = self.versions(dataset)
+            if not versions:
+                msg = f"{self.uri(dataset)}: no published versions"
+                raise VersionNotFound(msg)
+            version = versions[-1]
+        key = f"{_check_name(dataset)}/{version}/manifest.json"
+        if not VERSION_DIR.match(version) or not self.exists(key):
+            msg = f"{self.uri(dataset)}/{version}: no such version (or not completely published)"
+            raise VersionNotFound(msg)
+        return json.loads(self.get(key))
+
+
+def default_store() -> str:
+    return os.environ.get("DISTILLERY_STORE", "store")
+
+
+def parse_version_uri(uri: str) -> tuple[Store, str, str]:
+    """``STORE/NAME/vNNNN`` -> (store, name, version)."""
+    root, name, version = uri.rstrip("/").rsplit("/", 2)
+    if not VERSION_DIR.match(version):
+        msg = f"{uri}: expected STORE/NAME/vNNNN"
+        raise ValueError(msg)
+    return Store(root), name, version

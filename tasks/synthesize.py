@@ -1,0 +1,27 @@
+"""Prefect task for the synthesize stage: one shard of problems through a vLLM Ray actor."""
+
+import time
+
+import polars as pl
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from distillery.accounting import StageResult
+from distillery.engine import EnginePool, SamplingSettings
+from distillery.stages.synthesize import build_requests, samples_from_results
+from schemas.recipe import GenerationConfig
+
+
+@task(name="synthesize-shard", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, task_run_name="synthesize-shard-{shard_index}")
+def synthesize_shard(pool: EnginePool, shard_index: int, seeds: pl.DataFrame, cfg: GenerationConfig, lineage: dict[str, str]) -> StageResult:
+    started = time.perf_counter()
+    requests = build_requests(seeds, cfg)
+    results = pool.generate(shard_index, requests, SamplingSettings.from_config(cfg))
+    result = samples_from_results(seeds, requests, results, samples_per_problem=cfg.samples_per_problem, lineage=lineage)
+    seconds = time.perf_counter() - started
+    tokens = sum(r["num_tokens"] for r in results)
+    get_run_logger().info(
+        "shard %d: %d problems -> %d samples in %.1fs (%.1f samples/s, %.0f tokens/s)",
+        shard_index, seeds.height, len(results), seconds, len(results) / seconds, tokens / seconds,
+    )
+    return result

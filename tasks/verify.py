@@ -1,0 +1,17 @@
+"""Prefect task for the verify stage: one shard of samples, checked on a Ray worker."""
+
+import ray
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from distillery.accounting import StageResult
+from distillery.stages.verify import verify_samples
+from schemas.recipe import VerifyConfig
+
+_verify_remote = ray.remote(num_cpus=1)(verify_samples)
+
+
+@task(name="verify-shard", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, task_run_name="verify-shard-{shard_index}")
+def verify_shard(shard_index: int, generated: StageResult, cfg: VerifyConfig) -> StageResult:
+    """Verify the samples one synthesize shard passed on (``generated.kept``)."""
+    return ray.get(_verify_remote.remote(generated.kept, keep=cfg.keep, fallback_last_number=cfg.fallback_last_number))

@@ -1,0 +1,91 @@
+"""Store and publish: versions appear only with their manifest, counts add up, shards read back."""
+
+import hashlib
+import json
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from distillery.accounting import AccountingError, StageCount, empty_rejects
+from distillery.contracts import ContractViolation, load_contract
+from distillery.stages.publish import check_counts, publish_version
+from distillery.store import Store
+
+
+def _rows(n):
+    return pl.DataFrame(
+        {
+            "sample_id": [f"s{i}" for i in range(n)],
+            "seed_id": [f"q{i}" for i in range(n)],
+            "sample_index": [0] * n,
+            "question": ["q"] * n,
+            "prompt": ["p"] * n,
+            "completion": ["c"] * n,
+            "reference_answer": ["1"] * n,
+            "predicted_answer": ["1"] * n,
+            "answer_source": ["answer_is"] * n,
+            "correct": [True] * n,
+            "finish_reason": ["stop"] * n,
+            "num_tokens": [3] * n,
+            "sampling_seed": [1] * n,
+            "model": ["m"] * n,
+            "recipe_hash": ["h"] * n,
+            "code_version": ["c"] * n,
+            "source": ["x"] * n,
+        }
+    )
+
+
+META = {"recipe": {"name": "t"}, "recipe_hash": "h", "code_version": "c", "generator": {"model": "m"}, "parents": [], "flow_run_id": "r"}
+
+
+def _publish(store, rows, stages=None, **kw):
+    stages = stages or [StageCount("ingest", rows.height, rows.height)]
+    return publish_version(store, "demo", rows, empty_rejects(), input_rows=stages[0].rows_in, stages=stages, run_id="r", metadata=META, shard_rows=kw.get("shard_rows", 2))
+
+
+def test_publish_writes_readable_shards_with_checksums(tmp_path):
+    store = Store(str(tmp_path))
+    published = _publish(store, _rows(5))
+    assert published.uri == f"{tmp_path}/demo/v0001"
+    manifest = json.loads((tmp_path / "demo/v0001/manifest.json").read_text())
+    assert [s["rows"] for s in manifest["shards"]] == [2, 2, 1]
+    for shard in manifest["shards"]:
+        data = (tmp_path / "demo/v0001" / shard["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"] and len(data) == shard["bytes"]
+    assert pl.read_parquet(tmp_path / "demo/v0001/data/*.parquet").height == 5
+    assert pq.read_table(tmp_path / "demo/v0001/data").num_rows == 5
+    assert (tmp_path / "demo/v0001/card.md").read_text().startswith("# demo v0001")
+    assert _publish(store, _rows(1)).manifest["version"] == "v0002"
+    assert store.versions("demo") == ["v0001", "v0002"]
+
+
+def test_version_without_manifest_is_invisible_and_never_reused(tmp_path):
+    store = Store(str(tmp_path))
+    assert store.claim_version("demo", "crashed-run") == "v0001"  # a publish that died here
+    assert store.versions("demo") == [] and store.datasets() == []
+    assert _publish(store, _rows(1)).manifest["version"] == "v0002"
+    assert store.versions("demo") == ["v0002"]
+
+
+def test_counts_that_do_not_add_up_stop_the_publish(tmp_path):
+    store = Store(str(tmp_path))
+    stages = [StageCount("ingest", 5, 4, 1, {"invalid_json": 1}), StageCount("verify", 3, 3)]
+    with pytest.raises(AccountingError, match="passed on 4 rows but 'verify' took 3"):
+        _publish(store, _rows(3), stages)
+    with pytest.raises(AccountingError):
+        check_counts(5, [StageCount("synthesize", 5, 9, 2, {"x": 0})], 9)
+    assert store.children("") == []  # nothing was claimed or written
+
+
+def test_contract_violation_stops_the_publish(tmp_path):
+    with pytest.raises(ContractViolation, match="property 'completion' is missing"):
+        _publish(Store(str(tmp_path)), _rows(2).drop("completion"))
+    with pytest.raises(ContractViolation, match="'sample_id' must be unique"):
+        load_contract("samples").check_table(pl.concat([_rows(1), _rows(1)]))
+
+
+def test_dataset_names_cannot_escape_the_store(tmp_path):
+    with pytest.raises(ValueError, match="data set name"):
+        Store(str(tmp_path)).claim_version("../evil", "r")
