@@ -29,7 +29,7 @@ _ANSWER_IS = re.compile(
     r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*(?:is)?\s*[:：]?|answer\s*[:：])\s*[:：]?\s*(.+)",
     re.IGNORECASE,
 )
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+_NUMBER = re.compile(r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?(?:/\d+)?")
 _LEADING_NUMBER = re.compile(r"^-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _LATEX_WRAPPERS = (r"\text{", r"\textbf{", r"\mathrm{", r"\mbox{")
@@ -88,6 +88,8 @@ def extract_answer(text: str, *, fallback_last_number: bool = False) -> Extracte
     stated = [m.group(1) for m in _ANSWER_IS.finditer(text)]
     for candidate in reversed(stated):
         line = candidate.splitlines()[0].strip()
+        if "=" in line and "\\" not in line:  # "the answer is 10 * 100 = 1000 shells": the value is last
+            line = line.rsplit("=", 1)[1].strip()
         if not line:
             continue
         # "The answer is 42 apples because ..." -> keep the value, not the prose around it.
