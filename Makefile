@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PREFECT_LOGGING_LEVEL ?= INFO
 
-.PHONY: install model run test test-fast lock clean
+.PHONY: install model run test test-fast lock clean bench
 
 $(STAMP): pyproject.toml requirements-cpu.lock
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,6 @@ lock: install
 
 clean:
 	rm -rf $(VENV) store
+
+bench: model
+	$(PY) bench/generation.py
