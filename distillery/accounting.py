@@ -137,6 +137,11 @@ class StageResult:
         return StageResult(stage, kept, rejects, StageCount(stage, n_in, kept.height, fanout, counts).check())
 
     @staticmethod
+    def empty(stage: str, fanout: int = 1) -> StageResult:
+        """A stage that received no rows (all were dropped upstream)."""
+        return StageResult(stage, pl.DataFrame(), empty_rejects(), StageCount(stage, 0, 0, fanout))
+
+    @staticmethod
     def combine(results: list[StageResult]) -> StageResult:
         kept = pl.concat([r.kept for r in results], how="diagonal_relaxed") if results else pl.DataFrame()
         rejects = pl.concat([r.rejects for r in results]) if results else empty_rejects()

@@ -26,8 +26,8 @@ _PY_TYPES: dict[str, tuple[type, ...]] = {
 }
 _POLARS_TYPES: dict[str, tuple[type[pl.DataType], ...]] = {
     "string": (pl.Utf8,),
-    "integer": (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64),
-    "number": (pl.Float32, pl.Float64, pl.Int32, pl.Int64),
+    "integer": (pl.Int64, pl.Int8, pl.Int16, pl.Int32, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64),
+    "number": (pl.Float64, pl.Float32, pl.Int32, pl.Int64),
     "boolean": (pl.Boolean,),
 }
 
@@ -78,8 +78,9 @@ class Contract:
                     )
         return problems
 
-    def unique_fields(self) -> list[str]:
-        return [p.name for p in self.properties if p.unique]
+    def empty_frame(self) -> pl.DataFrame:
+        """A table with no rows and the contract's columns, e.g. for a version that published nothing."""
+        return pl.DataFrame(schema={p.name: _POLARS_TYPES[p.logical_type][0] for p in self.properties})
 
     def check_table(self, table: pl.DataFrame) -> None:
         """Raise :class:`ContractViolation` naming the first property the table breaks."""

@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 import distillery
 from distillery.accounting import StageResult
+from distillery.contracts import load_contract
 from distillery.engine import ENGINE_ENV, EnginePool
 from distillery.model_setup import model_identity, resolve_model_path
 from distillery.stages.publish import Published
@@ -42,10 +43,6 @@ def start_ray() -> None:
         ray.init(address=address, runtime_env={"env_vars": env})
     else:
         ray.init(include_dashboard=False, runtime_env={"env_vars": env}, configure_logging=False)
-
-
-def _shards(frame: pl.DataFrame, size: int) -> list[pl.DataFrame]:
-    return [frame.slice(start, size) for start in range(0, frame.height, size)]
 
 
 def _vllm_version() -> str:
@@ -80,6 +77,27 @@ def _stats(generated: pl.DataFrame, verified_kept: pl.DataFrame, seconds: float)
     }
 
 
+def _generate_and_verify(recipe: Recipe, seeds: pl.DataFrame, model_dir, lineage: dict) -> tuple[StageResult, StageResult, float]:
+    """Fan shards out to vLLM actors (started once, kept for every shard) and verify each shard
+    on a Ray worker as soon as its samples are back."""
+    logger = get_run_logger()
+    start_ray()
+    started = time.perf_counter()
+    pool = EnginePool(str(model_dir), recipe.engine, seed=recipe.generation.seed)
+    logger.info("engines ready: %d x vLLM (%s) in %.1fs", len(pool.actors), lineage["model"], time.perf_counter() - started)
+    try:
+        started = time.perf_counter()
+        shards = [seeds.slice(start, recipe.generation.shard_size) for start in range(0, seeds.height, recipe.generation.shard_size)]
+        generated = [synthesize_shard.submit(pool, i, shard, recipe.generation, lineage) for i, shard in enumerate(shards)]
+        verified = [verify_shard.submit(i, g, recipe.verify) for i, g in enumerate(generated)]
+        synth = StageResult.combine([g.result() for g in generated])
+        seconds = time.perf_counter() - started
+        checked = StageResult.combine([v.result() for v in verified])
+    finally:
+        pool.shutdown()
+    return synth, checked, seconds
+
+
 @flow(name="synthesize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
 def synthesize(recipe: Recipe, store: str = "store") -> str:
     """Run one recipe end to end and return the URI of the published version."""
@@ -93,33 +111,19 @@ def synthesize(recipe: Recipe, store: str = "store") -> str:
     seeds = ingest(recipe.seeds)
     logger.info("ingest: %d rows read, %d seeds kept, quarantined %s", seeds.count.rows_in, seeds.kept.height, seeds.count.dropped or "none")
 
-    start_ray()
-    started = time.perf_counter()
-    pool = EnginePool(str(model_dir), recipe.engine, seed=recipe.generation.seed)
-    logger.info("engines ready: %d x vLLM (%s) in %.1fs", len(pool.actors), model_name, time.perf_counter() - started)
-    try:
-        gen_started = time.perf_counter()
-        shard_frames = _shards(seeds.kept, recipe.generation.shard_size)
-        generated = [synthesize_shard.submit(pool, i, shard, recipe.generation, lineage) for i, shard in enumerate(shard_frames)]
-        verified = [verify_shard.submit(i, g, recipe.verify) for i, g in enumerate(generated)]
-        synth_results = [g.result() for g in generated]
-        gen_seconds = time.perf_counter() - gen_started
-        verify_results = [v.result() for v in verified]
-    finally:
-        pool.shutdown()
-    if not shard_frames:  # no valid seeds at all: the stages still account for zero rows
-        synth_results = [StageResult.split("synthesize", pl.DataFrame(), [], fanout=recipe.generation.samples_per_problem, rows_in=0)]
-        verify_results = [StageResult.split("verify", pl.DataFrame(), [])]
-    synth = StageResult.combine(synth_results)
-    checked = StageResult.combine(verify_results)
-    deduped = dedup(checked.kept, recipe.dedup) if checked.kept.height else StageResult.split("dedup", checked.kept, [])
+    fanout = recipe.generation.samples_per_problem
+    if seeds.kept.height == 0:  # nothing valid to generate from: publish an empty, fully accounted version
+        synth, checked, gen_seconds = StageResult.empty("synthesize", fanout), StageResult.empty("verify"), 0.0
+    else:
+        synth, checked, gen_seconds = _generate_and_verify(recipe, seeds.kept, model_dir, lineage)
+    deduped = dedup(checked.kept, recipe.dedup) if checked.kept.height else StageResult.empty("dedup")
 
     stats = _stats(synth.kept, checked.kept, gen_seconds)
     logger.info("verify: %s of %s samples with a reference are correct", stats["samples_correct"], stats["samples_with_reference"])
 
     stages = [seeds.count, synth.count, checked.count, deduped.count]
     rejects = pl.concat([seeds.rejects, synth.rejects, checked.rejects, deduped.rejects])
-    rows = deduped.kept.sort(["seed_id", "sample_index"]) if deduped.kept.height else deduped.kept
+    rows = deduped.kept.sort(["seed_id", "sample_index"]) if deduped.kept.height else load_contract("samples").empty_frame()
     published: Published = publish(
         Store(store),
         recipe.dataset,

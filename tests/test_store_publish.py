@@ -89,3 +89,10 @@ def test_contract_violation_stops_the_publish(tmp_path):
 def test_dataset_names_cannot_escape_the_store(tmp_path):
     with pytest.raises(ValueError, match="data set name"):
         Store(str(tmp_path)).claim_version("../evil", "r")
+
+
+def test_an_empty_version_meets_the_contract_and_reads_back(tmp_path):
+    empty = load_contract("samples").empty_frame()
+    published = _publish(Store(str(tmp_path)), empty, [StageCount("ingest", 2, 0, 1, {"invalid_json": 2})])
+    assert published.manifest["counts"]["published"] == 0
+    assert pl.read_parquet(tmp_path / "demo/v0001/data").schema == empty.schema

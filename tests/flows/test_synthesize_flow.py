@@ -113,3 +113,18 @@ def test_verification_columns_agree_with_the_references(run):
     stats = run["manifest"]["stats"]
     assert stats["samples_generated"] == run["manifest"]["counts"]["stages"][1]["rows_out"]
     assert stats["samples_correct"] == rows["correct"].sum()
+
+
+def test_a_seed_file_with_only_broken_rows_publishes_an_empty_accounted_version(tmp_path):
+    seeds = tmp_path / "broken.jsonl"
+    seeds.write_text("\n".join(BROKEN) + "\n")
+    cmd = [sys.executable, "-m", "distillery.cli", "run", "recipes/gsm8k-cot.yaml", "--store", str(tmp_path / "store"), "--set", f"seeds.path={seeds}"]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    uri = Path(out.stdout.strip().splitlines()[-1])
+    manifest = json.loads((uri / "manifest.json").read_text())
+    assert manifest["counts"]["input"] == 3 and manifest["counts"]["published"] == 0
+    assert manifest["counts"]["stages"][0]["dropped"] == {"invalid_json": 1, "missing_field": 1, "wrong_type": 1}
+    assert pl.read_parquet(uri / "data").columns[:2] == ["sample_id", "seed_id"]
+    assert pl.read_parquet(uri / "rejects").height == 3
