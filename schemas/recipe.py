@@ -112,12 +112,66 @@ class VerifyConfig(_Strict):
 
 
 class DedupConfig(_Strict):
+    """Exact and MinHash/LSH near-dedup. See docs/curation.md for the bands x rows trade-off."""
+
     exact: bool = True
     near: bool = True
     ngram: int = Field(5, ge=1)  # word n-gram shingles
     num_perm: int = Field(128, ge=16)
     threshold: float = Field(0.8, gt=0, lt=1)
+    # LSH banding; None = chosen from the threshold like datasketch's MinHashLSH (equal FP/FN weights)
+    bands: int | None = Field(None, ge=1)
+    rows_per_band: int | None = Field(None, ge=1)
+    verify_candidates: Literal["none", "signature", "exact"] = "signature"  # drop LSH false positives
     seed: int = 1  # MinHash permutation seed (datasketch's default)
+    against: list[str] = []  # earlier versions or data sets to dedup against: STORE/NAME[/vNNNN]
+
+    @model_validator(mode="after")
+    def _banding(self) -> DedupConfig:
+        if (self.bands is None) != (self.rows_per_band is None):
+            msg = "give both dedup.bands and dedup.rows_per_band, or neither"
+            raise ValueError(msg)
+        if self.bands is not None and self.bands * self.rows_per_band > self.num_perm:
+            msg = f"dedup.bands * dedup.rows_per_band = {self.bands * self.rows_per_band} exceeds dedup.num_perm = {self.num_perm}"
+            raise ValueError(msg)
+        return self
+
+
+class BenchmarkSource(_Strict):
+    """A benchmark to keep out of the data: a JSONL/Parquet file (local or s3://) and its text fields."""
+
+    name: str
+    path: str
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    fields: list[str] = ["question"]  # joined with a space, like seeds.fields.question
+
+
+class DecontaminationConfig(_Strict):
+    benchmarks: list[BenchmarkSource] = []
+    ngram: int = Field(13, ge=3)  # the common 13-gram rule
+    near_threshold: float = Field(0.6, gt=0, le=1)  # MinHash Jaccard that counts as a near copy
+    columns: list[str] = ["question", "completion"]  # which text columns are checked
+
+
+class QualityConfig(_Strict):
+    enabled: bool = True
+    min_chars: int = Field(20, ge=0)
+    max_chars: int = Field(20_000, ge=1)
+    repeated_ngram: int = Field(3, ge=1)  # word n-gram size for the repetition check
+    max_repeated_ngram_share: float = Field(0.3, gt=0, le=1)  # share of n-grams that are repeats
+    drop_truncated: bool = True  # finish_reason == "length"
+    require_final_answer: bool = True  # a completion with no extractable final answer
+    max_non_text_share: float = Field(0.3, gt=0, le=1)  # share of characters that are not letters, digits, space or common punctuation
+    column: str = "completion"
+
+
+class CollapseConfig(_Strict):
+    """Model-collapse statistics of the output against the seeds, and an optional gate."""
+
+    ngram_sizes: list[int] = [1, 2, 3]
+    top_k: int = Field(100, ge=1)
+    max_top_k_share: float | None = Field(None, gt=0, le=1)  # gate: fail the run above this
+    min_distinct_2: float | None = Field(None, gt=0, le=1)  # gate: fail the run below this
 
 
 class PublishConfig(_Strict):
@@ -142,6 +196,9 @@ class Recipe(_Strict):
     generation: GenerationConfig = GenerationConfig()
     verify: VerifyConfig = VerifyConfig()
     dedup: DedupConfig = DedupConfig()
+    decontaminate: DecontaminationConfig = DecontaminationConfig()
+    quality: QualityConfig = QualityConfig()
+    collapse: CollapseConfig = CollapseConfig()
     publish: PublishConfig = PublishConfig()
 
     @field_validator("name")
