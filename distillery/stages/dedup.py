@@ -1,19 +1,43 @@
-"""Dedup within a run: exact (normalized text hash), then near-duplicate (datasketch MinHash + LSH).
+"""Dedup: exact (normalized text hash) and near-duplicate (MinHash + LSH), within a run and
+against earlier versions.
 
-Rows are visited in a fixed order (``seed_id``, ``sample_index``) so the same input keeps the
-same rows; the first row of each duplicate group is kept and the others are rejected with the
-id of the row they duplicate.
+The near-duplicate path is built to scale past one process, like datatrove's three stages:
+1. signatures: ``distillery.minhash.signatures`` (datasketch-compatible, one numba kernel),
+   computed per shard (on Ray workers in the flow: ``tasks/dedup.py``);
+2. buckets: LSH band keys as a polars table, grouped to candidate pairs (no Python dict of all
+   signatures);
+3. clusters: candidate pairs checked (signature agreement, or exact shingle Jaccard) and joined
+   into clusters with scipy's connected components (union-find).
+The same code handles 10k rows here and 10M on a cluster; only the shard count changes.
+
+Keep policy, per cluster: rows already published in an ``against`` version win; then correct
+rows, then higher ``reward``, then the earliest row (``seed_id``, ``sample_index``, input order).
+Clusters are transitive (A~B and B~C puts A, B, C together), as in datatrove and NeMo Curator.
+
+Choosing parameters (``dedup`` in the recipe): a pair with Jaccard ``s`` becomes a candidate
+with probability ``1 - (1 - s**r)**b`` for ``b`` bands of ``r`` rows. More rows per band cut
+false positives (pairs below the threshold that collide) and raise false negatives; more bands do
+the opposite. By default ``b`` and ``r`` minimize the two areas equally at the threshold, as
+datasketch's ``MinHashLSH`` does (0.8 with 128 permutations gives 9 x 13). Candidate checking
+(``verify_candidates``) then removes the false positives, so recall is what banding decides and
+precision is what the check decides.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
-from datasketch import MinHash, MinHashLSH
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
+from distillery import minhash
 from distillery.accounting import StageCount, StageResult, empty_rejects, rows_to_rejects
 from schemas.recipe import DedupConfig
 
@@ -31,54 +55,173 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(normalize_text(text).encode()).hexdigest()
 
 
-def shingles(text: str, ngram: int) -> set[bytes]:
-    """Word n-grams of the normalized text (the whole text when it is shorter than n words)."""
-    words = normalize_text(text).split()
-    if len(words) <= ngram:
-        return {" ".join(words).encode()}
-    return {" ".join(words[i : i + ngram]).encode() for i in range(len(words) - ngram + 1)}
+@dataclass(frozen=True)
+class EarlierRows:
+    """Signatures of rows published before (``signatures/`` of a version): no text needed."""
+
+    uri: str
+    sample_ids: list[str]
+    text_sha256: list[str]
+    signatures: np.ndarray  # (n, num_perm) uint32
 
 
-def minhashes(texts: list[str], cfg: DedupConfig) -> list[MinHash]:
-    return MinHash.bulk([shingles(t, cfg.ngram) for t in texts], num_perm=cfg.num_perm, seed=cfg.seed)
+def signature_params(cfg: DedupConfig) -> dict:
+    return {"num_perm": cfg.num_perm, "seed": cfg.seed, "ngram": cfg.ngram, "scheme": minhash.HASH_SCHEME}
 
 
-def dedup_samples(samples: pl.DataFrame, cfg: DedupConfig, *, text_column: str = "completion") -> StageResult:
-    """Drop exact and near duplicates of ``text_column``; rejects name the row they duplicate."""
-    ordered = samples.sort(["seed_id", "sample_index"]) if "sample_index" in samples.columns else samples
-    ids = ordered["sample_id"].to_list()
+def _banding(cfg: DedupConfig) -> tuple[int, int]:
+    if cfg.bands is not None:
+        return cfg.bands, cfg.rows_per_band
+    return minhash.optimal_bands(cfg.threshold, cfg.num_perm)
+
+
+def _exact_jaccard(texts: list[str], pairs: np.ndarray, ngram: int) -> np.ndarray:
+    sets: dict[int, set[bytes]] = {}
+    for i in np.unique(pairs):
+        sets[int(i)] = set(minhash.shingle_bytes(texts[int(i)], ngram))
+    out = np.empty(len(pairs))
+    for k, (i, j) in enumerate(pairs):
+        a, b = sets[int(i)], sets[int(j)]
+        out[k] = len(a & b) / len(a | b) if a or b else 1.0
+    return out
+
+
+def near_duplicate_clusters(
+    sigs: np.ndarray, cfg: DedupConfig, *, texts: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cluster rows by near-duplicate edges.
+
+    Returns ``(labels, pairs, similarity)``: a cluster label per row, and the checked candidate
+    pairs with their similarity (signature estimate, or exact shingle Jaccard when
+    ``cfg.verify_candidates == "exact"``; ``texts`` is needed then).
+    """
+    bands, rows = _banding(cfg)
+    pairs = minhash.candidate_pairs(minhash.band_keys(sigs, bands, rows))
+    if cfg.verify_candidates == "exact" and texts is not None and len(pairs):
+        similarity = _exact_jaccard(texts, pairs, cfg.ngram)
+    else:
+        similarity = minhash.estimated_jaccard(sigs[pairs[:, 0]], sigs[pairs[:, 1]]) if len(pairs) else np.zeros(0)
+    if cfg.verify_candidates != "none":
+        keep = similarity >= cfg.threshold
+        pairs, similarity = pairs[keep], similarity[keep]
+    n = sigs.shape[0]
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n)) if len(pairs) else coo_matrix((n, n), dtype=np.int8)
+    _, labels = connected_components(graph, directed=False)
+    return labels, pairs, similarity
+
+
+def _priority_order(samples: pl.DataFrame) -> pl.DataFrame:
+    """Rows in keep-policy order: correct first, then higher reward, then earliest."""
+    frame = samples.with_row_index("__input_order")
+    keys, descending = [], []
+    if "correct" in frame.columns:
+        keys.append(pl.col("correct").fill_null(False))
+        descending.append(True)
+    if "reward" in frame.columns:
+        keys.append(pl.col("reward").fill_null(float("-inf")))
+        descending.append(True)
+    for name in ("seed_id", "sample_index"):
+        if name in frame.columns:
+            keys.append(pl.col(name))
+            descending.append(False)
+    keys.append(pl.col("__input_order"))
+    descending.append(False)
+    return frame.sort(keys, descending=descending, maintain_order=True).drop("__input_order")
+
+
+def dedup_samples(
+    samples: pl.DataFrame,
+    cfg: DedupConfig,
+    *,
+    text_column: str = "completion",
+    earlier: list[EarlierRows] = (),
+    signature_fn: Callable[[pl.Series], np.ndarray] | None = None,
+) -> StageResult:
+    """Drop exact and near duplicates of ``text_column`` (within the rows and against ``earlier``).
+
+    Rejects name the row they duplicate. ``meta["signatures"]`` holds the kept rows' ids, text
+    hashes and MinHash signatures, for publishing beside the version (later runs dedup against
+    them without reading text). ``signature_fn`` lets the flow compute signatures on Ray.
+    """
+    ordered = _priority_order(samples)
+    n = ordered.height
+    ids = ordered["sample_id"].cast(pl.Utf8).to_list()
     texts = ordered[text_column].fill_null("").to_list()
-    duplicate_of: dict[int, tuple[str, str]] = {}  # row -> (reason, kept row's id)
+    hashes = [text_hash(t) for t in texts]
+    reason: list[str | None] = [None] * n
+    detail: list[str | None] = [None] * n
 
+    earlier_hash = {h: (e.uri, sid) for e in earlier for h, sid in zip(e.text_sha256, e.sample_ids, strict=True)}
+    first_with_hash: dict[str, int] = {}
     if cfg.exact:
-        first_with_hash: dict[str, int] = {}
-        for i, text in enumerate(texts):
-            h = text_hash(text)
-            if h in first_with_hash:
-                duplicate_of[i] = ("exact_duplicate", ids[first_with_hash[h]])
+        for i, h in enumerate(hashes):
+            if h in earlier_hash:
+                uri, sid = earlier_hash[h]
+                reason[i], detail[i] = "duplicate_of_earlier", f"same text as {uri} sample {sid}"
+            elif h in first_with_hash:
+                reason[i], detail[i] = "exact_duplicate", f"duplicates sample {ids[first_with_hash[h]]}"
             else:
                 first_with_hash[h] = i
 
-    if cfg.near:
-        candidates = [i for i in range(len(texts)) if i not in duplicate_of]
-        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
-        for i, signature in zip(candidates, minhashes([texts[i] for i in candidates], cfg), strict=True):
-            match = lsh.query(signature)
-            if match:
-                duplicate_of[i] = ("near_duplicate", ids[min(match)])
+    compute = signature_fn or (lambda t: minhash.signatures(t, num_perm=cfg.num_perm, ngram=cfg.ngram, seed=cfg.seed))
+    sigs = compute(pl.Series(texts, dtype=pl.Utf8)) if n else np.zeros((0, cfg.num_perm), dtype=np.uint32)
+    if cfg.near and n:
+        live = np.array([i for i in range(n) if reason[i] is None], dtype=np.int64)
+        old_sigs = [e.signatures for e in earlier if len(e.sample_ids)]
+        old_refs = [(e.uri, sid) for e in earlier for sid in e.sample_ids]
+        stacked = np.vstack([*old_sigs, sigs[live]]) if old_sigs else sigs[live]
+        m = len(old_refs)
+        stacked_texts = None if m else [texts[i] for i in live]
+        labels, _, _ = near_duplicate_clusters(stacked, cfg, texts=stacked_texts)
+        winner: dict[int, int] = {}  # cluster -> stacked index of its keeper (earlier rows first, then priority)
+        for k in range(len(stacked)):
+            winner.setdefault(int(labels[k]), k)
+        for k in range(m, len(stacked)):
+            w = winner[int(labels[k])]
+            if w == k:
+                continue
+            i = int(live[k - m])
+            estimate = float(minhash.estimated_jaccard(stacked[k : k + 1], stacked[w : w + 1])[0])
+            if w < m:
+                uri, sid = old_refs[w]
+                reason[i], detail[i] = "duplicate_of_earlier", f"near copy (J~{estimate:.2f}) of {uri} sample {sid}"
             else:
-                lsh.insert(i, signature)
+                reason[i], detail[i] = "near_duplicate", f"duplicates sample {ids[int(live[w - m])]} (J~{estimate:.2f})"
 
-    keep_mask = [i not in duplicate_of for i in range(len(texts))]
-    kept = ordered.filter(pl.Series(keep_mask))
-    dropped_rows = sorted(duplicate_of)
-    if dropped_rows:
-        reasons = [duplicate_of[i][0] for i in dropped_rows]
-        details = [f"duplicates sample {duplicate_of[i][1]}" for i in dropped_rows]
-        rejects = rows_to_rejects("dedup", ordered[dropped_rows], reasons, details)
-    else:
-        rejects = empty_rejects()
-    dropped: dict[str, int] = {}
-    for reason, _ in duplicate_of.values():
-        dropped[reason] = dropped.get(reason, 0) + 1
-    return StageResult("dedup", kept, rejects, StageCount("dedup", samples.height, kept.height, 1, dropped).check())
+    dropped_idx = [i for i in range(n) if reason[i] is not None]
+    keep_mask = np.array([r is None for r in reason], dtype=bool)
+    kept = ordered.filter(pl.Series(keep_mask)) if n else ordered
+    rejects = (
+        rows_to_rejects("dedup", ordered[dropped_idx], [reason[i] for i in dropped_idx], [detail[i] for i in dropped_idx])
+        if dropped_idx
+        else empty_rejects()
+    )
+    counts: dict[str, int] = {}
+    for i in dropped_idx:
+        counts[reason[i]] = counts.get(reason[i], 0) + 1
+    kept_idx = np.flatnonzero(keep_mask)
+    signature_table = pl.DataFrame(
+        {
+            "sample_id": [ids[i] for i in kept_idx],
+            "text_sha256": [hashes[i] for i in kept_idx],
+            "minhash": pl.Series(sigs[kept_idx].tolist() if len(kept_idx) else [], dtype=pl.List(pl.UInt32)),
+        }
+    )
+    meta = {"signatures": signature_table, "signature_params": signature_params(cfg), "against": [e.uri for e in earlier]}
+    return StageResult("dedup", kept, rejects, StageCount("dedup", samples.height, kept.height, 1, counts).check(), meta=meta)
+
+
+def earlier_from_table(uri: str, table: pl.DataFrame, params: dict, cfg: DedupConfig) -> EarlierRows:
+    """Check that stored signatures were made with this run's parameters, then wrap them."""
+    expected = signature_params(cfg)
+    for key, value in expected.items():
+        if params.get(key) != value:
+            msg = f"dedup.against {uri}: its signatures use {key}={params.get(key)!r}, this recipe {key}={value!r}; they cannot be compared"
+            raise ValueError(msg)
+    sigs = np.array(table["minhash"].to_list(), dtype=np.uint32).reshape(table.height, cfg.num_perm)
+    return EarlierRows(uri, table["sample_id"].to_list(), table["text_sha256"].to_list(), sigs)
+
+
+def describe_params(cfg: DedupConfig) -> str:
+    bands, rows = _banding(cfg)
+    return json.dumps({**signature_params(cfg), "bands": bands, "rows_per_band": rows, "threshold": cfg.threshold})

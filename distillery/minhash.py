@@ -1,0 +1,171 @@
+"""MinHash signatures for millions of texts, compatible with datasketch.
+
+The signatures are datasketch's own (scheme ``affine32``, the default in datasketch 2.x): the
+same permutations (taken from ``datasketch.MinHash(num_perm, seed)``), the same MurmurHash3
+pre-mix and the same ``a * h + b mod 2**32`` min-reduction. What differs is how a shingle's
+32-bit hash is computed, so that it can be vectorized:
+
+    word hash    = datasketch.hashfunc.sha1_hash32(word.encode())      # once per distinct word
+    shingle hash = FNV-1a (32-bit) over the word hashes of its n words  # shingle_hash() below
+
+A datasketch user gets identical hash values with
+``MinHash(num_perm, seed, hashfunc=shingle_hash)`` updated with ``shingle_bytes(text, n)``
+(tested in tests/test_minhash.py), and can query our signatures directly with
+``MinHash(seed=seed, hashvalues=sig, scheme="affine32")`` / ``LeanMinHash`` in ``MinHashLSH``.
+
+Tokens are ``\\w+`` runs of the NFKC-normalized, lower-cased text (``tokens()``), the same
+tokenization as ``distillery.stages.dedup.normalize_text``. The heavy loop (shingle hash,
+pre-mix, permutations, min) is one numba kernel, parallel over documents.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numba
+import numpy as np
+import polars as pl
+from datasketch import MinHash
+from datasketch.hashfunc import sha1_hash32
+from datasketch.minhash import _FMIX_CONSTANTS
+
+MAX_HASH = np.uint32(0xFFFFFFFF)
+_FNV_OFFSET = np.uint32(2166136261)
+_FNV_PRIME = np.uint32(16777619)
+_S1, _M1, _S2, _M2, _S3 = (int(c) for c in _FMIX_CONSTANTS[32])
+HASH_SCHEME = "affine32; shingle = fnv1a32 over sha1_hash32 of words"
+
+
+@cache
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's own (a, b) for this num_perm and seed."""
+    a, b = MinHash(num_perm=num_perm, seed=seed).permutations
+    return np.ascontiguousarray(a, dtype=np.uint64), np.ascontiguousarray(b, dtype=np.uint64)
+
+
+def tokens(text: str) -> list[str]:
+    """The words a text is shingled into (scalar form of what ``signatures`` does in bulk)."""
+    return _token_lists(pl.Series([text]))[0].to_list()
+
+
+def shingle_bytes(text: str, ngram: int) -> list[bytes]:
+    """The shingles of a text, as the bytes datasketch's ``update`` takes (with ``shingle_hash``)."""
+    words = tokens(text)
+    if len(words) <= ngram:
+        return [" ".join(words).encode()] if words else []
+    return [" ".join(words[i : i + ngram]).encode() for i in range(len(words) - ngram + 1)]
+
+
+def shingle_hash(shingle: bytes) -> int:
+    """The 32-bit hash of one shingle (space-separated words): pass as datasketch's ``hashfunc``."""
+    h = int(_FNV_OFFSET)
+    for word in shingle.split(b" "):
+        h = ((h ^ sha1_hash32(word)) * int(_FNV_PRIME)) & 0xFFFFFFFF
+    return h
+
+
+def _token_lists(texts: pl.Series) -> pl.Series:
+    """Lists of ``\\w+`` words of the NFKC-normalized, lower-cased texts (empty list for empty text)."""
+    texts = texts.fill_null("")
+    non_ascii = texts.str.contains(r"[^\x00-\x7F]").arg_true()
+    if len(non_ascii):  # NFKC is the slowest step and changes nothing in ASCII text
+        texts = texts.scatter(non_ascii, texts.gather(non_ascii).str.normalize("NFKC"))
+    words = texts.str.to_lowercase().str.replace_all(r"[^\w]+", " ").str.strip_chars()
+    empty = pl.lit([], dtype=pl.List(pl.Utf8))
+    return pl.select(pl.when(words == "").then(empty).otherwise(words.str.split(" "))).to_series()
+
+
+def _word_hashes(words: pl.Series) -> np.ndarray:
+    """sha1_hash32 of every word, computing each distinct word once."""
+    distinct = words.unique()
+    vocab = pl.DataFrame({"w": distinct, "h": pl.Series([sha1_hash32(w.encode()) for w in distinct.to_list()], dtype=pl.UInt32)})
+    return pl.DataFrame({"w": words}).join(vocab, on="w", how="left", maintain_order="left")["h"].to_numpy()
+
+
+_MASK = np.uint64(0xFFFFFFFF)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _minhash_kernel(words, offsets, ngram, a, b, out):  # pragma: no cover - compiled
+    # numba widens integer arithmetic to 64 bits, so every 32-bit step is masked explicitly.
+    n_docs = offsets.size - 1
+    num_perm = a.size
+    s1, m1, s2, m2, s3 = np.uint64(_S1), np.uint64(_M1), np.uint64(_S2), np.uint64(_M2), np.uint64(_S3)
+    for d in numba.prange(n_docs):
+        start = offsets[d]
+        length = offsets[d + 1] - start
+        mins = np.full(num_perm, np.uint64(0xFFFFFFFF), dtype=np.uint64)
+        if length > 0:
+            width = ngram if length >= ngram else length
+            for s in range(length - width + 1):
+                h = np.uint64(2166136261)
+                for w in range(width):
+                    h = ((h ^ np.uint64(words[start + s + w])) * np.uint64(16777619)) & _MASK
+                h = h ^ (h >> s1)
+                h = (h * m1) & _MASK
+                h = h ^ (h >> s2)
+                h = (h * m2) & _MASK
+                h = h ^ (h >> s3)
+                for p in range(num_perm):
+                    v = (a[p] * h + b[p]) & _MASK
+                    if v < mins[p]:
+                        mins[p] = v
+        for p in range(num_perm):
+            out[d, p] = np.uint32(mins[p])
+
+
+def signatures(texts: pl.Series | list[str], *, num_perm: int = 128, ngram: int = 5, seed: int = 1, batch_size: int = 200_000) -> np.ndarray:
+    """``(len(texts), num_perm)`` uint32 signatures; an empty text gets all-max values (as datasketch)."""
+    texts = texts if isinstance(texts, pl.Series) else pl.Series(texts, dtype=pl.Utf8)
+    a, b = permutations(num_perm, seed)
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    for start in range(0, len(texts), batch_size):
+        lists = _token_lists(texts.slice(start, batch_size))
+        lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = lists.explode().drop_nulls()
+        words = _word_hashes(flat) if len(flat) else np.zeros(0, dtype=np.uint32)
+        _minhash_kernel(words, offsets, np.int64(ngram), a, b, out[start : start + lengths.size])
+    return out
+
+
+def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) minimizing false positives + false negatives at ``threshold``, as datasketch does."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, num_perm, 0.5, 0.5)
+
+
+def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """``(n, bands)`` uint64 keys: two documents share a key in band i iff their rows there agree
+    (up to 64-bit hash collisions)."""
+    keys = np.zeros((sigs.shape[0], bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for band in range(bands):
+            k = np.full(sigs.shape[0], np.uint64(1469598103934665603) + np.uint64(band), dtype=np.uint64)
+            for r in range(rows):
+                k = (k ^ sigs[:, band * rows + r].astype(np.uint64)) * np.uint64(1099511628211)
+            keys[:, band] = k
+    return keys
+
+
+def candidate_pairs(keys: np.ndarray, *, max_bucket: int = 64) -> np.ndarray:
+    """Unique ``(i, j)`` pairs, ``i < j``, that share a band key. Buckets larger than ``max_bucket``
+    contribute edges to their smallest member only (enough to connect them), not every pair."""
+    n, bands = keys.shape
+    frame = pl.DataFrame({"doc": np.tile(np.arange(n, dtype=np.int64), bands), "band": np.repeat(np.arange(bands, dtype=np.int32), n), "key": keys.T.ravel()})
+    shared = frame.filter(pl.len().over("band", "key") > 1)
+    if shared.height == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    shared = shared.with_columns(size=pl.len().over("band", "key"), first=pl.col("doc").min().over("band", "key"))
+    small = shared.filter(pl.col("size") <= max_bucket).select("band", "key", "doc")
+    pairs = small.join(small, on=["band", "key"], suffix="_j").filter(pl.col("doc") < pl.col("doc_j")).select(i="doc", j="doc_j")
+    stars = shared.filter((pl.col("size") > max_bucket) & (pl.col("doc") != pl.col("first"))).select(i="first", j="doc")
+    both = pl.concat([pairs, stars]).unique()
+    return both.sort("i", "j").to_numpy().astype(np.int64)
+
+
+def estimated_jaccard(sigs_i: np.ndarray, sigs_j: np.ndarray) -> np.ndarray:
+    """Share of agreeing signature positions, row by row (the MinHash Jaccard estimate)."""
+    return (sigs_i == sigs_j).mean(axis=1)
