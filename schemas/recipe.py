@@ -122,7 +122,9 @@ class DedupConfig(_Strict):
     # LSH banding; None = chosen from the threshold like datasketch's MinHashLSH (equal FP/FN weights)
     bands: int | None = Field(None, ge=1)
     rows_per_band: int | None = Field(None, ge=1)
-    verify_candidates: Literal["none", "signature", "exact"] = "signature"  # drop LSH false positives
+    # Check LSH candidates before clustering: "exact" shingle-set Jaccard (best precision, same
+    # recall as the candidates), "signature" agreement (no text needed), or "none".
+    verify_candidates: Literal["none", "signature", "exact"] = "exact"
     seed: int = 1  # MinHash permutation seed (datasketch's default)
     against: list[str] = []  # earlier versions or data sets to dedup against: STORE/NAME[/vNNNN]
 

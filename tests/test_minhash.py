@@ -53,3 +53,12 @@ def test_large_buckets_are_connected_by_star_edges():
 def test_optimal_bands_match_datasketch():
     lsh = MinHashLSH(threshold=0.8, num_perm=128)
     assert minhash.optimal_bands(0.8, 128) == (lsh.b, lsh.r) == (9, 13)
+
+
+def test_exact_jaccard_of_pairs():
+    import polars as pl
+
+    texts = pl.Series(["a b c d e f", "a b c d e g", "x y z", "a a a a"])
+    pairs = np.array([[0, 1], [0, 2], [3, 3]])
+    # 3-word shingles: {abc, bcd, cde, def} vs {abc, bcd, cde, deg}: 3 shared of 5
+    assert np.allclose(minhash.exact_jaccard(texts, pairs, ngram=3), [3 / 5, 0.0, 1.0])
