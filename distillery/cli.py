@@ -39,15 +39,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     from distillery.uri_io import StorageError
     from flows.synthesize import synthesize
 
+    from distillery.stages.collapse import CollapseGateFailed
+
     try:
         uri = synthesize(recipe, store=args.store)
-    except (ModelNotFound, StorageError) as err:
+    except (ModelNotFound, StorageError, CollapseGateFailed) as err:
         return _fail(str(err), 1)
     finally:
         import ray
 
         if ray.is_initialized():
             ray.shutdown()  # before the URI, so no worker output follows it
+    sys.stderr.flush()
+    print(uri, flush=True)
+    return 0
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from schemas.recipe import CurateRecipe
+
+    overrides = [f"name={args.name}", *(args.set or [])]
+    try:
+        if args.recipe:
+            recipe = load_recipe(args.recipe, overrides, model=CurateRecipe)
+        else:
+            import tempfile
+
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml") as empty:
+                empty.write("{}\n")
+                empty.flush()
+                recipe = load_recipe(empty.name, overrides, model=CurateRecipe)
+    except RecipeError as err:
+        return _fail(str(err), 2)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from distillery.stages.collapse import CollapseGateFailed
+    from distillery.store import VersionNotFound
+    from distillery.uri_io import StorageError
+    from flows.curate import curate
+
+    try:
+        uri = curate(recipe, input_uri=args.input, store=args.store)
+    except (StorageError, VersionNotFound, CollapseGateFailed, ValueError) as err:
+        return _fail(str(err), 1)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
     sys.stderr.flush()
     print(uri, flush=True)
     return 0
@@ -134,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--store", default=default_store(), help="store URI: a folder or s3://bucket/prefix (default: $DISTILLERY_STORE or ./store)")
     run.add_argument("--limit", type=int, help="read at most N seed rows")
     run.set_defaults(func=cmd_run)
+
+    curate = sub.add_parser("curate", help="dedup, decontaminate and filter an existing data set; prints the version URI last")
+    curate.add_argument("input", help="a JSONL/Parquet file (local or s3://) or a published version STORE/NAME/vNNNN")
+    curate.add_argument("--name", required=True, help="the data set name to publish under")
+    curate.add_argument("--recipe", help="a curate recipe YAML (see recipes/curate-default.yaml); defaults apply without one")
+    curate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a curate recipe field (repeatable)")
+    curate.add_argument("--store", default=default_store(), help="store URI (default: $DISTILLERY_STORE or ./store)")
+    curate.set_defaults(func=cmd_curate)
 
     datasets = sub.add_parser("datasets", help="list, show and diff published versions")
     datasets.add_argument("--store", default=default_store(), help="store URI (default: $DISTILLERY_STORE or ./store)")

@@ -141,3 +141,17 @@ class EnginePool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def start_ray() -> None:
+    """Join ``RAY_ADDRESS`` if set, else start a local cluster (no server to set up)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    env = {**ENGINE_ENV, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+    else:
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, configure_logging=False)

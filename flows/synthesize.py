@@ -1,19 +1,18 @@
-"""The ``synthesize`` flow: seeds -> chain-of-thought samples on Ray/vLLM -> verify -> dedup -> publish.
+"""The ``synthesize`` flow: seeds -> chain-of-thought samples on Ray/vLLM -> verify -> curate -> publish.
 
 The flow only composes tasks (``tasks/``) around stage functions (``distillery/stages/``).
 Generation fans out over shards of problems to vLLM engines that run as Ray actors, started
-once per run; verification fans out over the same shards as Ray tasks; dedup sees the whole
-run; publish writes a new immutable version with the manifest last.
+once per run; verification fans out over the same shards as Ray tasks; the curation stages
+(quality, decontamination, dedup: ``flows/curate.py``) see the whole run; publish writes a new
+immutable version with the manifest last.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from importlib.metadata import PackageNotFoundError, version
 
 import polars as pl
-import ray
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -21,28 +20,17 @@ from prefect.task_runners import ThreadPoolTaskRunner
 import distillery
 from distillery.accounting import StageResult
 from distillery.contracts import load_contract
-from distillery.engine import ENGINE_ENV, EnginePool
+from distillery.engine import EnginePool, start_ray
 from distillery.model_setup import model_identity, resolve_model_path
 from distillery.stages.publish import Published
 from distillery.store import Store
 from schemas.recipe import Recipe
-from tasks.dedup import dedup
+from distillery.stages.dedup import signature_params
+from flows.curate import collapse_statistics, curation_metadata, curation_stages
 from tasks.ingest import ingest
 from tasks.publish import publish
 from tasks.synthesize import synthesize_shard
 from tasks.verify import verify_shard
-
-
-def start_ray() -> None:
-    """Join ``RAY_ADDRESS`` if set, else start a local cluster (no server to set up)."""
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    env = {**ENGINE_ENV, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
-    else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, configure_logging=False)
 
 
 def _vllm_version() -> str:
@@ -116,14 +104,21 @@ def synthesize(recipe: Recipe, store: str = "store") -> str:
         synth, checked, gen_seconds = StageResult.empty("synthesize", fanout), StageResult.empty("verify"), 0.0
     else:
         synth, checked, gen_seconds = _generate_and_verify(recipe, seeds.kept, model_dir, lineage)
-    deduped = dedup(checked.kept, recipe.dedup) if checked.kept.height else StageResult.empty("dedup")
+    curated = (
+        curation_stages(checked.kept, quality=recipe.quality, decontamination=recipe.decontaminate, dedup_cfg=recipe.dedup, text_column="completion")
+        if checked.kept.height
+        else [StageResult.empty("quality"), StageResult.empty("dedup")]
+    )
+    deduped = curated[-1]
 
     stats = _stats(synth.kept, checked.kept, gen_seconds)
     logger.info("verify: %s of %s samples with a reference are correct", stats["samples_correct"], stats["samples_with_reference"])
 
-    stages = [seeds.count, synth.count, checked.count, deduped.count]
-    rejects = pl.concat([seeds.rejects, synth.rejects, checked.rejects, deduped.rejects])
+    stages = [seeds.count, synth.count, checked.count, *[r.count for r in curated]]
+    rejects = pl.concat([seeds.rejects, synth.rejects, checked.rejects, *[r.rejects for r in curated]])
     rows = deduped.kept.sort(["seed_id", "sample_index"]) if deduped.kept.height else load_contract("samples").empty_frame()
+    stats["collapse"] = collapse_statistics(rows["completion"].to_list(), seeds.kept["question"].to_list(), recipe.collapse)
+    stats.update(curation_metadata(curated))
     published: Published = publish(
         Store(store),
         recipe.dataset,
@@ -133,6 +128,8 @@ def synthesize(recipe: Recipe, store: str = "store") -> str:
         stages=stages,
         run_id=run_id,
         shard_rows=recipe.publish.shard_rows,
+        signatures=deduped.meta.get("signatures"),
+        signature_params=signature_params(recipe.dedup),
         metadata={
             "description": recipe.description,
             "kind": "sft-chain-of-thought",

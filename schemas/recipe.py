@@ -189,19 +189,9 @@ class PublishConfig(_Strict):
         return value
 
 
-class Recipe(_Strict):
+class _RecipeBase(_Strict):
     name: str
     description: str = ""
-    seeds: SeedsConfig
-    model: ModelConfig = ModelConfig()
-    engine: EngineConfig = EngineConfig()
-    generation: GenerationConfig = GenerationConfig()
-    verify: VerifyConfig = VerifyConfig()
-    dedup: DedupConfig = DedupConfig()
-    decontaminate: DecontaminationConfig = DecontaminationConfig()
-    quality: QualityConfig = QualityConfig()
-    collapse: CollapseConfig = CollapseConfig()
-    publish: PublishConfig = PublishConfig()
 
     @field_validator("name")
     @classmethod
@@ -221,6 +211,34 @@ class Recipe(_Strict):
     def hash(self) -> str:
         canonical = json.dumps(self.resolved(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Recipe(_RecipeBase):
+    """``distillery run``: seeds -> synthesize -> verify -> curate -> publish."""
+
+    seeds: SeedsConfig
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    generation: GenerationConfig = GenerationConfig()
+    verify: VerifyConfig = VerifyConfig()
+    dedup: DedupConfig = DedupConfig()
+    decontaminate: DecontaminationConfig = DecontaminationConfig()
+    quality: QualityConfig = QualityConfig()
+    collapse: CollapseConfig = CollapseConfig()
+    publish: PublishConfig = PublishConfig()
+
+
+class CurateRecipe(_RecipeBase):
+    """``distillery curate``: the curation stages on an existing data set (no generation)."""
+
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    text_column: str = "completion"  # the text that is filtered, deduplicated and checked
+    id_column: str | None = None  # a stable row id in the input; else one is made from the row number
+    quality: QualityConfig = QualityConfig(require_final_answer=False)
+    decontaminate: DecontaminationConfig = DecontaminationConfig()
+    dedup: DedupConfig = DedupConfig()
+    collapse: CollapseConfig = CollapseConfig()
+    publish: PublishConfig = PublishConfig()
 
 
 class RecipeError(ValueError):
@@ -262,7 +280,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), *, model: type[BaseModel] = Recipe) -> Recipe:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -278,6 +296,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for assignment in overrides:
         apply_override(data, assignment)
     try:
-        return Recipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         raise RecipeError(_format_errors(str(path), err)) from None

@@ -27,7 +27,6 @@ false positives are removed afterwards, so misses are weighted 9:1 instead (14 x
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import unicodedata
 from collections.abc import Callable
@@ -215,6 +214,20 @@ def earlier_from_table(uri: str, table: pl.DataFrame, params: dict, cfg: DedupCo
     return EarlierRows(uri, table["sample_id"].to_list(), table["text_sha256"].to_list(), sigs)
 
 
-def describe_params(cfg: DedupConfig) -> str:
-    bands, rows = _banding(cfg)
-    return json.dumps({**signature_params(cfg), "bands": bands, "rows_per_band": rows, "threshold": cfg.threshold})
+def load_earlier(uri: str, cfg: DedupConfig) -> EarlierRows:
+    """The signatures of a published version, ``STORE/NAME/vNNNN`` (or ``STORE/NAME`` for its latest)."""
+    from distillery.stages.publish import read_shards
+    from distillery.store import VERSION_DIR, Store
+
+    parts = uri.rstrip("/").rsplit("/", 2)
+    if len(parts) == 3 and VERSION_DIR.match(parts[2]):
+        root, name, version = parts
+    else:
+        (root, name), version = uri.rstrip("/").rsplit("/", 1), "latest"
+    store = Store(root)
+    manifest = store.manifest(name, version)
+    if "signatures" not in manifest:
+        msg = f"dedup.against {uri}: version {manifest['version']} was published without MinHash signatures"
+        raise ValueError(msg)
+    params = {k: v for k, v in manifest["signatures"].items() if k != "shards"}
+    return earlier_from_table(store.uri(f"{name}/{manifest['version']}"), read_shards(store, manifest, "signatures"), params, cfg)

@@ -51,9 +51,13 @@ def raw_records(cfg: SeedsConfig, data: bytes | None = None) -> Iterator[tuple[i
         for i, row in enumerate(arithmetic_problems(cfg.builtin.count, seed=cfg.builtin.seed)):
             yield i, row, json.dumps(row)
         return
-    fmt = cfg.format
+    yield from file_records(cfg.path, cfg.format, read_bytes(cfg.path) if data is None else data)
+
+
+def file_records(path: str, fmt: str, data: bytes) -> Iterator[tuple[int, Any, str]]:
+    """Rows of a JSONL or Parquet file's bytes; a line that is not UTF-8 or not JSON is a ``_Bad``."""
     if fmt == "auto":
-        fmt = "parquet" if cfg.path.endswith((".parquet", ".pq")) else "jsonl"
+        fmt = "parquet" if path.endswith((".parquet", ".pq")) else "jsonl"
     if fmt == "parquet":
         for i, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist()):
             yield i, row, json.dumps(row, default=str)
@@ -70,6 +74,54 @@ def raw_records(cfg: SeedsConfig, data: bytes | None = None) -> Iterator[tuple[i
             yield i, json.loads(text), text
         except json.JSONDecodeError as err:
             yield i, _Bad("invalid_json", f"line {i + 1}: {err.msg} at column {err.colno}"), text
+
+
+def ingest_rows(uri: str, *, text_column: str, id_column: str | None = None, fmt: str = "auto") -> StageResult:
+    """Ingest an existing data set for curation: any columns, but ``text_column`` must be a string.
+
+    ``uri`` is a JSONL/Parquet file (local or s3://) or a published version ``STORE/NAME/vNNNN``.
+    Rows get a ``sample_id`` (the ``id_column``, an existing ``sample_id``, or ``row-N``).
+    """
+    from distillery.stages.publish import read_shards
+    from distillery.store import VERSION_DIR, Store
+
+    parts = uri.rstrip("/").rsplit("/", 2)
+    if len(parts) == 3 and VERSION_DIR.match(parts[2]):
+        store = Store(parts[0])
+        manifest = store.manifest(parts[1], parts[2])
+        table = read_shards(store, manifest)
+        records = ((i, row, json.dumps(row, default=str)) for i, row in enumerate(table.to_dicts()))
+        parent = {"uri": store.uri(f"{parts[1]}/{parts[2]}"), "rows": table.height, "sha256": hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()}
+    else:
+        data = read_bytes(uri)
+        records = file_records(uri, fmt, data)
+        parent = {"uri": uri, "rows": None, "sha256": hashlib.sha256(data).hexdigest()}
+    rows, rejects, seen = [], [], set()
+    n_in = 0
+    for row_number, value, raw in records:
+        n_in += 1
+        try:
+            if isinstance(value, _Bad):
+                raise value
+            if not isinstance(value, dict):
+                raise _Bad("not_an_object", f"expected a JSON object, got {type(value).__name__}")
+            text = _field(value, text_column)
+            if not isinstance(text, str):
+                raise _Bad("wrong_type", f"field '{text_column}': expected string, got {type(text).__name__}")
+            sample_id = str(_field(value, id_column)) if id_column else str(value.get("sample_id") or f"row-{row_number:09d}")
+            if sample_id in seen:
+                raise _Bad("duplicate_id", f"id {sample_id} repeats")
+        except _Bad as bad:
+            rejects.append({"stage": "ingest", "reason": bad.reason, "detail": bad.detail, "seed_id": None, "sample_id": None, "record": raw})
+            continue
+        seen.add(sample_id)
+        rows.append({**value, "sample_id": sample_id})
+    parent["rows"] = n_in
+    kept = pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame({"sample_id": [], text_column: []}, schema={"sample_id": pl.Utf8, text_column: pl.Utf8})
+    dropped = dict(Counter(r["reason"] for r in rejects))
+    return StageResult(
+        "ingest", kept, pl.DataFrame(rejects, schema=REJECT_SCHEMA), StageCount("ingest", n_in, kept.height, 1, dropped).check(), meta={"parent": parent}
+    )
 
 
 def _field(row: dict[str, Any], name: str) -> Any:

@@ -60,6 +60,20 @@ def _write_shards(store: Store, prefix: str, frame: pl.DataFrame, shard_rows: in
     return shards
 
 
+def read_shards(store: Store, manifest: dict, kind: str = "shards") -> pl.DataFrame:
+    """Read a version's shards (``shards``, ``reject_shards`` or ``signatures``), checking each sha256."""
+    listing = manifest[kind]["shards"] if kind == "signatures" else manifest[kind]
+    frames = []
+    for shard in listing:
+        key = f"{manifest['dataset']}/{manifest['version']}/{shard['path']}"
+        data = store.get(key)
+        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            msg = f"{store.uri(key)}: checksum mismatch (the shard changed after publishing)"
+            raise ValueError(msg)
+        frames.append(pl.read_parquet(io.BytesIO(data)))
+    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
+
 def render_card(manifest: dict) -> str:
     counts = manifest["counts"]
     lines = [
@@ -101,11 +115,15 @@ def publish_version(
     metadata: dict,
     shard_rows: int,
     contract: str = "samples",
+    signatures: pl.DataFrame | None = None,
+    signature_params: dict | None = None,
 ) -> Published:
     """Write one new immutable version; return its URI and manifest.
 
     ``metadata`` carries the lineage fields (recipe, recipe_hash, code_version, generator,
     parents, flow_run_id, stats, description) that go into the manifest as they are.
+    ``signatures`` (the dedup stage's MinHash table of the published rows) is stored under
+    ``signatures/`` so that later runs can dedup against this version without its text.
     """
     check_counts(input_rows, stages, rows.height)
     data_contract = load_contract(contract)
@@ -128,6 +146,8 @@ def publish_version(
         "reject_shards": _write_shards(store, f"{base}/rejects", rejects, shard_rows),
         **metadata,
     }
+    if signatures is not None:
+        manifest["signatures"] = {**(signature_params or {}), "shards": _write_shards(store, f"{base}/signatures", signatures, shard_rows)}
     store.put(f"{base}/card.md", render_card(manifest).encode())
     store.put(f"{base}/manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode())
     return Published(store.uri(base), manifest)
