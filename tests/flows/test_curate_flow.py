@@ -46,7 +46,7 @@ def test_curate_filters_decontaminates_dedups_and_respects_earlier_versions(tmp_
         {"id": "leak-edited", "completion": "Please answer: " + gsm_test[1].upper().replace(",", "")},
         {"id": "leak-aime", "completion": "Here is a hard one. " + aime + " Let us think."},
     ]
-    dupes = [{"id": "dup-exact", "completion": clean[0]["completion"].upper()}, {"id": "dup-near", "completion": clean[1]["completion"].replace("morning", "early morning")}]
+    dupes = [{"id": "dup-exact", "completion": clean[0]["completion"].upper()}, {"id": "dup-near", "completion": clean[1]["completion"] + " Indeed"}]
     junk = [{"id": "too-short", "completion": "42"}, {"id": "loop", "completion": "Step 1: add 1 (sticks)\n" * 40}]
     lines = [json.dumps(r) for r in clean + planted + dupes + junk] + ["{broken json", json.dumps({"id": "no-text"})]
     first_input = tmp_path / "first.jsonl"

@@ -60,7 +60,7 @@ def test_last_line_is_a_complete_version(run):
 def test_counts_add_up_stage_by_stage(run):
     counts = run["manifest"]["counts"]
     stages = counts["stages"]
-    assert [s["stage"] for s in stages] == ["ingest", "synthesize", "verify", "dedup"]
+    assert [s["stage"] for s in stages] == ["ingest", "synthesize", "verify", "quality", "dedup"]
     assert stages[0]["rows_in"] == counts["input"] == 7
     assert stages[0]["rows_out"] == 4
     assert stages[0]["dropped"] == {"invalid_json": 1, "missing_field": 1, "wrong_type": 1}
