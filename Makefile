@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PREFECT_LOGGING_LEVEL ?= INFO
 
-.PHONY: install model run test test-fast lock clean bench
+.PHONY: install model run test test-fast lock clean bench bench-dedup
 
 $(STAMP): pyproject.toml requirements-cpu.lock
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,6 @@ clean:
 
 bench: model
 	$(PY) bench/generation.py
+
+bench-dedup: install
+	$(PY) bench/dedup.py

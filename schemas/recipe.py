@@ -112,7 +112,7 @@ class VerifyConfig(_Strict):
 
 
 class DedupConfig(_Strict):
-    """Exact and MinHash/LSH near-dedup. See docs/curation.md for the bands x rows trade-off."""
+    """Exact and MinHash/LSH near-dedup. The bands x rows trade-off: distillery/stages/dedup.py."""
 
     exact: bool = True
     near: bool = True

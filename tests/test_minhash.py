@@ -62,3 +62,13 @@ def test_exact_jaccard_of_pairs():
     pairs = np.array([[0, 1], [0, 2], [3, 3]])
     # 3-word shingles: {abc, bcd, cde, def} vs {abc, bcd, cde, deg}: 3 shared of 5
     assert np.allclose(minhash.exact_jaccard(texts, pairs, ngram=3), [3 / 5, 0.0, 1.0])
+
+
+def test_ascii_fast_path_and_unicode_path_agree_in_one_batch():
+    import polars as pl
+
+    texts = ["Hello, World_42 it's", "Ｃａｆé au lait, NAÏVE", "", "  ...  ", "MiXeD ascii text", "日本語 テキスト mixed"]
+    words, offsets = minhash.document_words(pl.Series(texts))
+    for k, text in enumerate(texts):
+        expected = [minhash.word_hash(w.encode()) for w in minhash.tokens(text)]
+        assert words[offsets[k] : offsets[k + 1]].tolist() == expected
