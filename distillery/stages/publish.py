@@ -98,7 +98,7 @@ def render_card(manifest: dict) -> str:
     lines += ["", f"Input rows: {counts['input']}; published rows: {counts['published']}; rejected rows: {counts['rejected']} (in `rejects/`).", ""]
     if manifest.get("stats"):
         lines += ["## Statistics", "", "| statistic | value |", "| --- | ---: |"]
-        lines += [f"| {k} | {v} |" for k, v in manifest["stats"].items() if not isinstance(v, dict)]
+        lines += [f"| {k} | {v} |" for k, v in manifest["stats"].items() if not isinstance(v, (dict, list))]
         lines.append("")
     return "\n".join(lines)
 
