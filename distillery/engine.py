@@ -113,6 +113,38 @@ class VLLMEngine:
         return results
 
 
+class PoolingRewardModel:
+    """A sequence-classification reward model served by vLLM's pooling runner (``LLM.classify``).
+
+    The score of a (prompt, completion) pair is the probability of the last label: the sigmoid
+    of a single-logit head, or P(label 1) of a two-label (incorrect/correct) head.
+    """
+
+    def __init__(self, model_path: str, engine: EngineConfig) -> None:
+        os.environ.update(ENGINE_ENV)
+        if engine.gpus_per_replica == 0:
+            # Without this the CPU backend tries to reserve 92% of RAM for the pooling runner.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(engine.kv_cache_gib))))
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_path,
+            runner="pooling",
+            dtype=engine.dtype,
+            max_model_len=engine.max_model_len,
+            enforce_eager=engine.gpus_per_replica == 0 if engine.enforce_eager is None else engine.enforce_eager,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def render(self, prompt: str, completion: str) -> str:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        texts = [self.render(p, c) for p, c in zip(prompts, completions, strict=True)]
+        return [float(out.outputs.probs[-1]) for out in self.llm.classify(texts, use_tqdm=False)]
+
+
 class EnginePool:
     """``replicas`` engines as Ray actors; shard ``i`` goes to actor ``i % replicas``."""
 

@@ -116,5 +116,22 @@ def materialize_embedded_model(dest: Path | None = None) -> Path:
     return dest
 
 
+def make_classifier(base: Path, dest: Path, *, num_labels: int = 1, seed: int = 0) -> Path:
+    """A sequence-classification model (a fresh score head on ``base``), the starting point of a
+    reward model; vLLM serves it with ``runner="pooling"``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(base)
+    config.num_labels = num_labels
+    config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    model = AutoModelForSequenceClassification.from_pretrained(base, config=config, dtype=torch.float32)
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(model.score.weight, std=0.02)
+    model.save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(dest)
+    return dest
+
+
 if __name__ == "__main__":
     print(materialize_embedded_model())
