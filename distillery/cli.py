@@ -36,14 +36,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         resolve_model_path(recipe.model.path)  # fail in a second, not after Prefect and Ray start
     except ModelNotFound as err:
         return _fail(f"model.path: {err}", 1)
-    from distillery.uri_io import StorageError
     from flows.synthesize import synthesize
 
+    return _run_and_print_uri(lambda: synthesize(recipe, store=args.store))
+
+
+def _run_and_print_uri(run) -> int:
+    """Run a flow; print its version URI as the last line of stdout, or the error (exit 1)."""
+    from distillery.model_setup import ModelNotFound
     from distillery.stages.collapse import CollapseGateFailed
+    from distillery.store import VersionNotFound
+    from distillery.uri_io import StorageError
 
     try:
-        uri = synthesize(recipe, store=args.store)
-    except (ModelNotFound, StorageError, CollapseGateFailed) as err:
+        uri = run()
+    except (ModelNotFound, StorageError, VersionNotFound, CollapseGateFailed, ValueError) as err:
         return _fail(str(err), 1)
     finally:
         import ray
@@ -60,35 +67,13 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
     overrides = [f"name={args.name}", *(args.set or [])]
     try:
-        if args.recipe:
-            recipe = load_recipe(args.recipe, overrides, model=CurateRecipe)
-        else:
-            import tempfile
-
-            with tempfile.NamedTemporaryFile("w", suffix=".yaml") as empty:
-                empty.write("{}\n")
-                empty.flush()
-                recipe = load_recipe(empty.name, overrides, model=CurateRecipe)
+        recipe = load_recipe(args.recipe, overrides, model=CurateRecipe)
     except RecipeError as err:
         return _fail(str(err), 2)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from distillery.stages.collapse import CollapseGateFailed
-    from distillery.store import VersionNotFound
-    from distillery.uri_io import StorageError
     from flows.curate import curate
 
-    try:
-        uri = curate(recipe, input_uri=args.input, store=args.store)
-    except (StorageError, VersionNotFound, CollapseGateFailed, ValueError) as err:
-        return _fail(str(err), 1)
-    finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    sys.stderr.flush()
-    print(uri, flush=True)
-    return 0
+    return _run_and_print_uri(lambda: curate(recipe, input_uri=args.input, store=args.store))
 
 
 def _store(args: argparse.Namespace):

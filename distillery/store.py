@@ -16,7 +16,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from distillery.uri_io import StorageError, _s3_error, is_s3, s3_client, split_s3
+from distillery.uri_io import StorageError, is_s3, s3_client, s3_error, split_s3
 
 VERSION_DIR = re.compile(r"^v(\d{4,})$")
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -55,7 +55,7 @@ class Store:
                 code = getattr(err, "response", {}).get("Error", {}).get("Code")
                 if exclusive and code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                     return False
-                raise _s3_error(self.uri(key), err) from err
+                raise s3_error(self.uri(key), err) from err
             return True
         path = Path(self.root, key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ class Store:
             try:
                 return s3_client().get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
             except Exception as err:
-                raise _s3_error(self.uri(key), err) from err
+                raise s3_error(self.uri(key), err) from err
         try:
             return Path(self.root, key).read_bytes()
         except FileNotFoundError:
@@ -93,7 +93,7 @@ class Store:
                 code = getattr(err, "response", {}).get("Error", {}).get("Code")
                 if code in ("404", "NoSuchKey", "NotFound"):
                     return False
-                raise _s3_error(self.uri(key), err) from err
+                raise s3_error(self.uri(key), err) from err
             return True
         return Path(self.root, key).is_file()
 
@@ -108,7 +108,7 @@ class Store:
                     names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
                     names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
             except Exception as err:
-                raise _s3_error(self.uri(key), err) from err
+                raise s3_error(self.uri(key), err) from err
             return sorted(names)
         folder = Path(self.root, key)
         return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
@@ -150,10 +150,13 @@ def default_store() -> str:
     return os.environ.get("DISTILLERY_STORE", "store")
 
 
-def parse_version_uri(uri: str) -> tuple[Store, str, str]:
-    """``STORE/NAME/vNNNN`` -> (store, name, version)."""
-    root, name, version = uri.rstrip("/").rsplit("/", 2)
-    if not VERSION_DIR.match(version):
-        msg = f"{uri}: expected STORE/NAME/vNNNN"
-        raise ValueError(msg)
-    return Store(root), name, version
+def parse_version_uri(uri: str, *, default_version: str | None = None) -> tuple[Store, str, str] | None:
+    """``STORE/NAME/vNNNN`` -> (store, name, version). ``STORE/NAME`` gives ``default_version``
+    (e.g. ``"latest"``) when one is given; otherwise a URI that names no version gives None."""
+    parts = uri.rstrip("/").rsplit("/", 2)
+    if len(parts) == 3 and VERSION_DIR.match(parts[2]):
+        return Store(parts[0]), parts[1], parts[2]
+    if default_version is None or "/" not in uri.rstrip("/"):
+        return None
+    root, name = uri.rstrip("/").rsplit("/", 1)
+    return Store(root), name, default_version

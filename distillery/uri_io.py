@@ -34,7 +34,7 @@ def s3_client():
     return boto3.client("s3")
 
 
-def _s3_error(uri: str, err: Exception) -> StorageError:
+def s3_error(uri: str, err: Exception) -> StorageError:
     code = getattr(err, "response", {}).get("Error", {}).get("Code", type(err).__name__)
     hints = {
         "NoSuchKey": "no such object",
@@ -56,7 +56,7 @@ def read_bytes(uri: str) -> bytes:
         try:
             return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as err:
-            raise _s3_error(uri, err) from err
+            raise s3_error(uri, err) from err
     try:
         return Path(uri).read_bytes()
     except FileNotFoundError:

@@ -280,7 +280,16 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), *, model: type[BaseModel] = Recipe) -> Recipe:
+def load_recipe(path: str | Path | None, overrides: list[str] = (), *, model: type[BaseModel] = Recipe) -> Recipe:
+    """Validate a recipe file (or, with ``path=None``, only the defaults) plus ``--set`` overrides."""
+    if path is None:
+        data: dict[str, Any] = {}
+        for assignment in overrides:
+            apply_override(data, assignment)
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            raise RecipeError(_format_errors("(defaults)", err)) from None
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())

@@ -57,3 +57,10 @@ def test_overrides_are_parsed_and_change_the_hash(tmp_path):
     assert load_recipe(path).hash() == base.hash()
     with pytest.raises(RecipeError, match="field 'engine.replicas'"):
         load_recipe(path, ["engine.replicas=0"])
+
+
+def test_curate_recipe_from_defaults_and_overrides_only():
+    recipe = load_recipe(None, ["name=demo", "dedup.threshold=0.7"], model=CurateRecipe)
+    assert recipe.name == "demo" and recipe.dedup.threshold == 0.7
+    with pytest.raises(RecipeError, match=r"recipe \(defaults\) is invalid:\n  field 'dedup.thresh'"):
+        load_recipe(None, ["name=demo", "dedup.thresh=0.7"], model=CurateRecipe)

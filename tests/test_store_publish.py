@@ -96,3 +96,13 @@ def test_an_empty_version_meets_the_contract_and_reads_back(tmp_path):
     published = _publish(Store(str(tmp_path)), empty, [StageCount("ingest", 2, 0, 1, {"invalid_json": 2})])
     assert published.manifest["counts"]["published"] == 0
     assert pl.read_parquet(tmp_path / "demo/v0001/data").schema == empty.schema
+
+
+def test_parse_version_uri(tmp_path):
+    from distillery.store import parse_version_uri
+
+    store, name, version = parse_version_uri(f"{tmp_path}/demo/v0003")
+    assert (store.root, name, version) == (str(tmp_path), "demo", "v0003")
+    assert parse_version_uri(f"{tmp_path}/data.jsonl") is None
+    store, name, version = parse_version_uri("s3://bucket/team/demo", default_version="latest")
+    assert (store.root, name, version) == ("s3://bucket/team", "demo", "latest")

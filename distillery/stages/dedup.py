@@ -217,14 +217,13 @@ def earlier_from_table(uri: str, table: pl.DataFrame, params: dict, cfg: DedupCo
 def load_earlier(uri: str, cfg: DedupConfig) -> EarlierRows:
     """The signatures of a published version, ``STORE/NAME/vNNNN`` (or ``STORE/NAME`` for its latest)."""
     from distillery.stages.publish import read_shards
-    from distillery.store import VERSION_DIR, Store
+    from distillery.store import parse_version_uri
 
-    parts = uri.rstrip("/").rsplit("/", 2)
-    if len(parts) == 3 and VERSION_DIR.match(parts[2]):
-        root, name, version = parts
-    else:
-        (root, name), version = uri.rstrip("/").rsplit("/", 1), "latest"
-    store = Store(root)
+    ref = parse_version_uri(uri, default_version="latest")
+    if ref is None:
+        msg = f"dedup.against {uri}: expected STORE/NAME or STORE/NAME/vNNNN"
+        raise ValueError(msg)
+    store, name, version = ref
     manifest = store.manifest(name, version)
     if "signatures" not in manifest:
         msg = f"dedup.against {uri}: version {manifest['version']} was published without MinHash signatures"

@@ -83,15 +83,15 @@ def ingest_rows(uri: str, *, text_column: str, id_column: str | None = None, fmt
     Rows get a ``sample_id`` (the ``id_column``, an existing ``sample_id``, or ``row-N``).
     """
     from distillery.stages.publish import read_shards
-    from distillery.store import VERSION_DIR, Store
+    from distillery.store import parse_version_uri
 
-    parts = uri.rstrip("/").rsplit("/", 2)
-    if len(parts) == 3 and VERSION_DIR.match(parts[2]):
-        store = Store(parts[0])
-        manifest = store.manifest(parts[1], parts[2])
+    version_ref = parse_version_uri(uri)
+    if version_ref is not None:
+        store, name, version = version_ref
+        manifest = store.manifest(name, version)
         table = read_shards(store, manifest)
         records = ((i, row, json.dumps(row, default=str)) for i, row in enumerate(table.to_dicts()))
-        parent = {"uri": store.uri(f"{parts[1]}/{parts[2]}"), "rows": table.height, "sha256": hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()}
+        parent = {"uri": store.uri(f"{name}/{version}"), "rows": table.height, "sha256": hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()}
     else:
         data = read_bytes(uri)
         records = file_records(uri, fmt, data)
