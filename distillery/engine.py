@@ -38,7 +38,27 @@ class SamplingSettings:
         return SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens)
 
 
-class VLLMEngine:
+class _OwnsEngineCore:
+    """Closes the vLLM engine-core process of ``self.llm`` (``close()`` or ``with``)."""
+
+    llm: Any
+
+    def close(self) -> None:
+        """Stop the engine-core process now. Without this a non-daemon child outlives the object,
+        and the interpreter's exit waits on it forever (multiprocessing joins its children)."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown(timeout=30)  # its own teardown takes ~5 s on CPU
+            self.llm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class VLLMEngine(_OwnsEngineCore):
     """One vLLM engine; ``generate`` turns chat requests into completions."""
 
     def __init__(self, model_path: str, engine: EngineConfig, seed: int = 0) -> None:
@@ -113,7 +133,7 @@ class VLLMEngine:
         return results
 
 
-class PoolingRewardModel:
+class PoolingRewardModel(_OwnsEngineCore):
     """A sequence-classification reward model served by vLLM's pooling runner (``LLM.classify``).
 
     The score of a (prompt, completion) pair is the probability of the last label: the sigmoid

@@ -40,3 +40,26 @@ def s3(s3_endpoint, monkeypatch):
     s3_client.cache_clear()
     yield boto3.client("s3")
     s3_client.cache_clear()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Leave no child behind: the interpreter's exit joins multiprocessing children (a vLLM
+    engine core left running would hang it), and a local Ray cluster is stopped here."""
+    import multiprocessing
+
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:
+        pass
+    for child in multiprocessing.active_children():
+        child.join(5)  # one that was just stopped exits by itself
+        if not child.is_alive():
+            continue
+        print(f"\nconftest: stopping leftover child process {child.name} (pid {child.pid})")
+        child.terminate()
+        child.join(10)
+        if child.is_alive():
+            child.kill()

@@ -60,9 +60,9 @@ def test_pooling_reward_model_on_the_cpu_engine_matches_transformers(tmp_path):
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     folder = make_classifier(resolve_model_path("embedded"), tmp_path / "rm", seed=3)
-    engine = PoolingRewardModel(str(folder), EngineConfig(dtype="float32", max_model_len=512))
-    scores = engine.score(ROWS["question"].to_list(), ROWS["completion"].to_list())
-    texts = [engine.render(q, c) for q, c in zip(ROWS["question"], ROWS["completion"], strict=True)]
+    with PoolingRewardModel(str(folder), EngineConfig(dtype="float32", max_model_len=512)) as engine:
+        scores = engine.score(ROWS["question"].to_list(), ROWS["completion"].to_list())
+        texts = [engine.render(q, c) for q, c in zip(ROWS["question"], ROWS["completion"], strict=True)]
     model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with torch.no_grad():
@@ -79,8 +79,8 @@ def test_judge_through_the_cpu_generation_engine():
     from schemas.recipe import EngineConfig
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    engine = VLLMEngine(str(resolve_model_path("embedded")), EngineConfig())
-    results = engine.generate(judge_requests(ROWS), SamplingSettings(temperature=0.0, top_p=1.0, max_tokens=48))
+    with VLLMEngine(str(resolve_model_path("embedded")), EngineConfig()) as engine:
+        results = engine.generate(judge_requests(ROWS), SamplingSettings(temperature=0.0, top_p=1.0, max_tokens=48))
     out = with_judge_scores(ROWS, results)
     assert all(r["completion"] for r in results)  # the judge said something for every row
     assert out.count.rows_in == 2 and out.kept.height + out.rejects.height == 2
