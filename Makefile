@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PREFECT_LOGGING_LEVEL ?= INFO
+# The embedded Prefect server starts in a subprocess; on a busy 2-core machine 20 s (the default) is not enough.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: install model run test test-fast lock clean bench bench-dedup
 

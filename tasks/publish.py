@@ -19,3 +19,20 @@ def publish(store, dataset, rows, rejects, **kwargs) -> Published:
         description=f"{dataset} {published.manifest['version']}",
     )
     return published
+
+
+@task(name="publish-reward-model", cache_policy=NO_CACHE)
+def publish_reward(store, name, weight, examples, rejects, **kwargs) -> Published:
+    from distillery.stages.publish import publish_reward_model
+
+    published = publish_reward_model(store, name, weight, examples, rejects, **kwargs)
+    metrics = published.manifest["metrics"]
+    create_markdown_artifact(
+        key="reward-model-" + re.sub(r"[^a-z0-9-]", "-", name),
+        markdown=(
+            f"Reward model [{published.uri}]({published.uri}): {metrics['n']} examples, "
+            f"ROC AUC train {metrics['auc_train']}, held-out {metrics['auc_heldout']}."
+        ),
+        description=f"{name} {published.manifest['version']}",
+    )
+    return published

@@ -13,11 +13,14 @@ from schemas.recipe import GenerationConfig
 
 
 @task(name="synthesize-shard", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, task_run_name="synthesize-shard-{shard_index}")
-def synthesize_shard(pool: EnginePool, shard_index: int, seeds: pl.DataFrame, cfg: GenerationConfig, lineage: dict[str, str]) -> StageResult:
+def synthesize_shard(
+    pool: EnginePool, shard_index: int, seeds: pl.DataFrame, cfg: GenerationConfig, lineage: dict[str, str], first_index: int = 0, count: int | None = None
+) -> StageResult:
     started = time.perf_counter()
-    requests = build_requests(seeds, cfg)
+    count = cfg.samples_per_problem if count is None else count
+    requests = build_requests(seeds, cfg, first_index=first_index, count=count)
     results = pool.generate(shard_index, requests, SamplingSettings.from_config(cfg))
-    result = samples_from_results(seeds, requests, results, samples_per_problem=cfg.samples_per_problem, lineage=lineage)
+    result = samples_from_results(seeds, requests, results, samples_per_problem=count, lineage=lineage)
     seconds = time.perf_counter() - started
     tokens = sum(r["num_tokens"] for r in results)
     # An engine serves its shards one after another, so the time includes waiting for earlier ones;

@@ -47,3 +47,29 @@ def test_datasets_list_and_show_on_a_store(tmp_path):
     assert diff.returncode == 0 and "rows: 3 -> 4 (+1 added, -0 removed, 3 in both)" in diff.stdout
     missing = _cli("datasets", "--store", str(tmp_path), "show", "demo", "v0009")
     assert missing.returncode == 1 and "no such version" in missing.stderr
+
+
+def test_datasets_list_show_diff_on_a_reward_model(tmp_path):
+    from tests.stages.test_reward_training import publish_fake_reward_model
+
+    from distillery.store import Store
+
+    publish_fake_reward_model(Store(str(tmp_path)))
+    publish_fake_reward_model(Store(str(tmp_path)))
+    listing = _cli("datasets", "--store", str(tmp_path), "list")
+    assert listing.returncode == 0 and "rm " in listing.stdout and "v0002" in listing.stdout, listing.stderr
+    shown = _cli("datasets", "--store", str(tmp_path), "show", "rm")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("# rm v0002 (reward model)") and "| held-out | 1 | 1 | 0 | n/a |" in shown.stdout
+    assert "| select_examples | 4 | 1 | unlabeled: 1 | 3 |" in shown.stdout
+    diff = _cli("datasets", "--store", str(tmp_path), "diff", "rm", "v0001", "v0002")
+    assert diff.returncode == 0 and "rows: 3 -> 3" in diff.stdout, diff.stderr
+
+
+def test_train_reward_model_usage_errors_are_quick_and_clear(tmp_path):
+    bad_fraction = _cli("train-reward-model", "x/y/v0001", "--name", "rm", "--heldout-fraction", "1.5")
+    assert bad_fraction.returncode == 2 and "--heldout-fraction" in bad_fraction.stderr
+    bad_name = _cli("train-reward-model", "x/y/v0001", "--name", "Bad Name")
+    assert bad_name.returncode == 2 and "--name" in bad_name.stderr
+    missing = _cli("train-reward-model", f"{tmp_path}/samples/v0003", "--name", "rm", "--store", str(tmp_path))
+    assert missing.returncode == 1 and "no such version" in missing.stderr and "Traceback" not in missing.stderr

@@ -64,3 +64,28 @@ def test_curate_recipe_from_defaults_and_overrides_only():
     assert recipe.name == "demo" and recipe.dedup.threshold == 0.7
     with pytest.raises(RecipeError, match=r"recipe \(defaults\) is invalid:\n  field 'dedup.thresh'"):
         load_recipe(None, ["name=demo", "dedup.thresh=0.7"], model=CurateRecipe)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["score.method=reward_model"], "score.method 'reward_model' needs score.reward_model"),
+        (["score.method=oracle"], "field 'score.method'"),
+        (["select.policy=threshold"], "select.policy 'threshold' needs select.min_reward"),
+        (["select.band=[0.8, 0.2]"], "select.band"),
+        (["generation.adaptive.max_samples=2", "generation.samples_per_problem=4"], "below one round"),
+        (["select.pairs.dataset=../escape"], "field 'select.pairs.dataset'"),
+    ],
+)
+def test_scoring_and_selection_errors_name_the_field(overrides, message):
+    with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_recipe(Path("recipes/default.yaml"), overrides)
+
+
+def test_selection_label_follows_the_scorer():
+    recipe = load_recipe(Path("recipes/default.yaml"), ["select.pairs.enabled=true"])
+    assert recipe.select.label_column("none") == "correct"
+    assert recipe.select.label_column("majority_vote") == "pseudo_correct"
+    assert recipe.select.label_column("program") == "program_correct"
+    assert load_recipe(Path("recipes/default.yaml"), ["select.label=correct"]).select.label_column("majority_vote") == "correct"
+    assert recipe.pairs_dataset == "arithmetic-cot-pairs"

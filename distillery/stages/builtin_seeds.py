@@ -73,9 +73,27 @@ TEMPLATES: list[Callable[[random.Random], tuple[str, int]]] = [
 ]
 
 
-def arithmetic_problems(count: int, *, seed: int = 0) -> Iterator[dict[str, str]]:
-    """``count`` problems as seed rows with ``question`` and ``answer`` (the computed value)."""
+def _one_step(rng: random.Random) -> tuple[str, int]:
+    """One addition or subtraction of two digits: what the embedded 135M model solves about 40% of
+    the time (measured), so the samples of one problem are both right and wrong, which is what
+    reward-model training and preference pairs need. Two-digit sums it almost never gets right."""
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    if rng.random() < 0.5:
+        return f"What is {a} + {b}?", a + b
+    a, b = max(a, b), min(a, b)
+    return f"What is {a} - {b}?", a - b
+
+
+def arithmetic_problems(count: int, *, seed: int = 0, kind: str = "arithmetic") -> Iterator[dict[str, str]]:
+    """``count`` problems as seed rows with ``question`` and ``answer`` (the computed value).
+
+    ``kind``: ``"arithmetic"`` (multi-step word problems) or ``"one-step"`` (``What is 17 + 25?``).
+    """
     rng = random.Random(seed)
     for i in range(count):
-        question, answer = TEMPLATES[i % len(TEMPLATES)](rng)
-        yield {"id": f"arith-{seed}-{i:06d}", "question": question, "answer": str(answer)}
+        if kind == "one-step":
+            question, answer = _one_step(rng)
+            yield {"id": f"step-{seed}-{i:06d}", "question": question, "answer": str(answer)}
+        else:
+            question, answer = TEMPLATES[i % len(TEMPLATES)](rng)
+            yield {"id": f"arith-{seed}-{i:06d}", "question": question, "answer": str(answer)}

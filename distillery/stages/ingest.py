@@ -48,7 +48,7 @@ def _source_uri(cfg: SeedsConfig) -> str:
 def raw_records(cfg: SeedsConfig, data: bytes | None = None) -> Iterator[tuple[int, Any, str]]:
     """``(row number, parsed value or _Bad, raw text)`` for every input row, bad ones included."""
     if cfg.builtin is not None:
-        for i, row in enumerate(arithmetic_problems(cfg.builtin.count, seed=cfg.builtin.seed)):
+        for i, row in enumerate(arithmetic_problems(cfg.builtin.count, seed=cfg.builtin.seed, kind=cfg.builtin.kind)):
             yield i, row, json.dumps(row)
         return
     yield from file_records(cfg.path, cfg.format, read_bytes(cfg.path) if data is None else data)

@@ -75,18 +75,30 @@ def read_shards(store: Store, manifest: dict, kind: str = "shards") -> pl.DataFr
 
 
 def render_card(manifest: dict) -> str:
+    """The data card (``card.md``, and what ``distillery datasets show`` prints) of any kind of version."""
+    if manifest.get("kind") == "reward-model":
+        lines = _reward_model_card_lines(manifest)
+    else:
+        recipe_name = (manifest.get("recipe") or {}).get("name")
+        generator = manifest.get("generator") or {}
+        lines = [
+            f"# {manifest['dataset']} {manifest['version']}",
+            "",
+            manifest.get("description") or "",
+            "",
+            f"- created: {manifest['created_at']}",
+            f"- recipe: `{recipe_name}` (sha256 `{(manifest.get('recipe_hash') or '')[:12]}`)",
+            f"- code: `{manifest.get('code_version')}`",
+            f"- model: `{generator.get('model')}` on {generator.get('engine')}",
+            f"- parents: {', '.join(p['uri'] for p in manifest.get('parents', [])) or 'none'}",
+            "",
+        ]
+    return "\n".join(lines + _accounting_lines(manifest))
+
+
+def _accounting_lines(manifest: dict) -> list[str]:
     counts = manifest["counts"]
     lines = [
-        f"# {manifest['dataset']} {manifest['version']}",
-        "",
-        manifest.get("description") or "",
-        "",
-        f"- created: {manifest['created_at']}",
-        f"- recipe: `{manifest['recipe']['name']}` (sha256 `{manifest['recipe_hash'][:12]}`)",
-        f"- code: `{manifest['code_version']}`",
-        f"- model: `{manifest['generator'].get('model')}` on {manifest['generator'].get('engine')}",
-        f"- parents: {', '.join(p['uri'] for p in manifest['parents']) or 'none'}",
-        "",
         "## Row accounting",
         "",
         "| stage | rows in | fan-out | dropped | rows out |",
@@ -100,7 +112,40 @@ def render_card(manifest: dict) -> str:
         lines += ["## Statistics", "", "| statistic | value |", "| --- | ---: |"]
         lines += [f"| {k} | {v} |" for k, v in manifest["stats"].items() if not isinstance(v, (dict, list))]
         lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def _reward_model_card_lines(manifest: dict) -> list[str]:
+    base, data, head = manifest["base_model"], manifest["training_data"], manifest["model"]["head"]
+    split, metrics = manifest["split"], manifest["metrics"]
+
+    def auc(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [
+        f"# {manifest['dataset']} {manifest['version']} (reward model)",
+        "",
+        manifest.get("description") or "",
+        "",
+        f"- created: {manifest['created_at']}",
+        f"- base model: `{base['name']}` (sha256 `{base['sha256'][:12]}`), {manifest['model']['architecture']} with a {head['shape'][-1]}-weight score head",
+        f"- head: `{head['path']}` (sha256 `{head['sha256'][:12]}`, {head['bytes']} bytes); the base weights are not stored here",
+        f"- trained on: {data['uri']} (`{data['dataset']}` {data['version']}), {manifest['counts']['published']} examples",
+        f"- code: `{manifest['code_version']}`",
+        "- serve it: `distillery.model_setup.materialize_reward_model(URI)` rebuilds the classifier folder for vLLM's pooling runner",
+        "",
+        "## Evaluation (correct versus incorrect completions of the same problems)",
+        "",
+        "| split | problems | correct | incorrect | ROC AUC |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for side, label in (("train", "train"), ("heldout", "held-out")):
+        ex = split["examples"][side]
+        lines.append(f"| {label} | {split['problems'][side]} | {ex['pos']} | {ex['neg']} | {auc(metrics[f'auc_{side}'])} |")
+    lines += ["", "## Hyperparameters", "", "| name | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in manifest["hyperparameters"].items()]
+    lines.append("")
+    return lines
 
 
 def publish_version(
@@ -125,12 +170,29 @@ def publish_version(
     ``signatures`` (the dedup stage's MinHash table of the published rows) is stored under
     ``signatures/`` so that later runs can dedup against this version without its text.
     """
+    data_contract, version = _check_and_claim(store, dataset, rows, input_rows=input_rows, stages=stages, run_id=run_id, contract=contract)
+    base = f"{dataset}/{version}"
+    manifest = {
+        **_manifest_head(dataset, version, data_contract, rows, rejects, input_rows=input_rows, stages=stages),
+        "shards": _write_shards(store, f"{base}/data", rows, shard_rows),
+        "reject_shards": _write_shards(store, f"{base}/rejects", rejects, shard_rows),
+        **metadata,
+    }
+    if signatures is not None:
+        manifest["signatures"] = {**(signature_params or {}), "shards": _write_shards(store, f"{base}/signatures", signatures, shard_rows)}
+    return _seal(store, manifest)
+
+
+def _check_and_claim(store: Store, dataset: str, rows: pl.DataFrame, *, input_rows: int, stages: list[StageCount], run_id: str, contract: str):
+    """Check the counts and the contract (nothing is written if either fails), then claim a version."""
     check_counts(input_rows, stages, rows.height)
     data_contract = load_contract(contract)
     data_contract.check_table(rows)
-    version = store.claim_version(dataset, run_id)
-    base = f"{dataset}/{version}"
-    manifest = {
+    return data_contract, store.claim_version(dataset, run_id)
+
+
+def _manifest_head(dataset: str, version: str, data_contract, rows: pl.DataFrame, rejects: pl.DataFrame, *, input_rows: int, stages: list[StageCount]) -> dict:
+    return {
         "dataset": dataset,
         "version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -142,12 +204,61 @@ def publish_version(
             "rejected": rejects.height,
             "stages": [s.as_dict() for s in stages],
         },
-        "shards": _write_shards(store, f"{base}/data", rows, shard_rows),
-        "reject_shards": _write_shards(store, f"{base}/rejects", rejects, shard_rows),
-        **metadata,
     }
-    if signatures is not None:
-        manifest["signatures"] = {**(signature_params or {}), "shards": _write_shards(store, f"{base}/signatures", signatures, shard_rows)}
+
+
+def _seal(store: Store, manifest: dict) -> Published:
+    """The card, then ``manifest.json`` last: the version becomes visible complete or not at all."""
+    base = f"{manifest['dataset']}/{manifest['version']}"
     store.put(f"{base}/card.md", render_card(manifest).encode())
     store.put(f"{base}/manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode())
     return Published(store.uri(base), manifest)
+
+
+HEAD_PATH = "model/score_head.safetensors"
+
+
+def publish_reward_model(
+    store: Store,
+    name: str,
+    weight,
+    examples: pl.DataFrame,
+    rejects: pl.DataFrame,
+    *,
+    input_rows: int,
+    stages: list[StageCount],
+    run_id: str,
+    metadata: dict,
+    architecture: str = "LlamaForSequenceClassification",
+    shard_rows: int = 100_000,
+) -> Published:
+    """Write one new immutable version of kind ``reward-model``; return its URI and manifest.
+
+    Stored: the trained score head only (``model/score_head.safetensors``, one ``score.weight``
+    tensor ``[1, hidden]``, a few KB; the base weights are named by checksum in ``base_model``,
+    never copied), the example table (``data/``: sample_id, seed_id, split, correct, logit,
+    reward), the rows not used (``rejects/``), ``card.md``, and ``manifest.json`` last.
+    ``metadata`` carries ``base_model``, ``training_data``, ``split``, ``metrics``,
+    ``hyperparameters`` and the lineage fields, into the manifest as they are.
+    """
+    from distillery.stages.reward_training import HEAD_TENSOR, head_bytes
+
+    data_contract, version = _check_and_claim(store, name, examples, input_rows=input_rows, stages=stages, run_id=run_id, contract="reward-examples")
+    base = f"{name}/{version}"
+    head = head_bytes(weight)
+    store.put(f"{base}/{HEAD_PATH}", head)
+    manifest = {
+        **_manifest_head(name, version, data_contract, examples, rejects, input_rows=input_rows, stages=stages),
+        "kind": "reward-model",
+        "model": {
+            "architecture": architecture,
+            "num_labels": 1,
+            "pooling": "last token, final hidden state after the final norm",
+            "output": "P(correct) = sigmoid(logit); the logit is score.weight . features",
+            "head": {"path": HEAD_PATH, "tensor": HEAD_TENSOR, "shape": [1, int(len(weight))], "dtype": "float32", "bytes": len(head), "sha256": hashlib.sha256(head).hexdigest()},
+        },
+        "shards": _write_shards(store, f"{base}/data", examples, shard_rows),
+        "reject_shards": _write_shards(store, f"{base}/rejects", rejects, shard_rows),
+        **metadata,
+    }
+    return _seal(store, manifest)

@@ -42,18 +42,26 @@ def parse_judge_score(text: str | None) -> float | None:
     return found[-1] if found else None
 
 
-def judge_requests(rows: pl.DataFrame, *, template: str = JUDGE_TEMPLATE, seed: int = 0) -> list[dict[str, Any]]:
-    """One judge request per row, for ``VLLMEngine.generate`` (same seeds on a rerun)."""
+def judge_requests(rows: pl.DataFrame, *, template: str = JUDGE_TEMPLATE, seed: int = 0, response_prefix: str = "") -> list[dict[str, Any]]:
+    """One judge request per row, for ``VLLMEngine.generate`` (same seeds on a rerun).
+
+    ``response_prefix`` (e.g. ``"Score:"``) starts the judge's answer for it, so that even a small
+    model answers in the form the parser reads; it is part of ``judge_output``.
+    """
     prompt = _JINJA.from_string(template)
     return [
-        {"messages": [{"role": "user", "content": prompt.render(question=r["question"], completion=r["completion"])}], "sampling_seed": sampling_seed(seed, r["sample_id"], 0)}
+        {
+            "messages": [{"role": "user", "content": prompt.render(question=r["question"], completion=r["completion"])}],
+            "sampling_seed": sampling_seed(seed, r["sample_id"], 0),
+            "response_prefix": response_prefix,
+        }
         for r in rows.iter_rows(named=True)
     ]
 
 
-def with_judge_scores(rows: pl.DataFrame, results: list[dict[str, Any]]) -> StageResult:
+def with_judge_scores(rows: pl.DataFrame, results: list[dict[str, Any]], *, response_prefix: str = "") -> StageResult:
     """Attach the judge's outputs and parsed scores; rows without a parsable score are rejects."""
-    outputs = [r.get("completion") for r in results]
+    outputs = [None if r.get("completion") is None else response_prefix + r["completion"] for r in results]
     scores = [parse_judge_score(o) for o in outputs]
     scored = rows.with_columns(
         pl.Series("judge_output", outputs, dtype=pl.Utf8),

@@ -395,8 +395,52 @@ def preference_pairs(
     return pl.DataFrame(out, schema=PAIR_SCHEMA)
 
 
-def preference_pairs_stage(rows: pl.DataFrame, **kw) -> tuple[pl.DataFrame, dict]:
-    """:func:`preference_pairs` and its counts: ``{"problems", "problems_with_pairs", "pairs"}``."""
-    pairs = preference_pairs(rows, **kw)
-    problems = rows["seed_id"].n_unique() if rows.height else 0
-    return pairs, {"problems": problems, "problems_with_pairs": pairs["seed_id"].n_unique(), "pairs": pairs.height}
+PAIR_STAGE = "pair"
+
+
+def pair_stage(rows: pl.DataFrame, *, label: str = "correct", max_pairs_per_problem: int = 1, min_reward_gap: float = 0.0) -> StageResult:
+    """:func:`preference_pairs` as a stage (``"pair"``) whose rows are problems.
+
+    Each problem (``seed_id``) has ``max_pairs_per_problem`` slots (the stage's fanout). A problem
+    without any valid pair is a reject, one row per problem: ``one_label`` (its labels agree and
+    no sample has a reward to rank by) or ``no_reward_gap`` (rewards, but no two that differ by
+    ``min_reward_gap``); the detail counts its samples. Slots a problem could not fill beyond its
+    first pair count as ``fewer_pairs`` (no reject row: no row was dropped, a pair was not made).
+    """
+    pairs = preference_pairs(rows, label=label, max_pairs_per_problem=max_pairs_per_problem, min_reward_gap=min_reward_gap)
+    if rows.height == 0:
+        return StageResult(PAIR_STAGE, pairs, empty_rejects(), StageCount(PAIR_STAGE, 0, 0, max_pairs_per_problem))
+    labels = _label_values(rows, label, "pair_stage")
+    rewards = _reward_values(rows)
+    made = Counter(pairs["seed_id"].to_list())
+    problems = _problems(rows)
+    dropped: Counter[str] = Counter()
+    missing, reasons, details = [], [], []
+    for seed, positions in problems.items():
+        if made[seed]:
+            dropped["fewer_pairs"] += max_pairs_per_problem - made[seed]
+            continue
+        n_true = sum(labels[i] is True for i in positions)
+        n_false = sum(labels[i] is False for i in positions)
+        n_scored = sum(rewards[i] is not None for i in positions)
+        why = "no_reward_gap" if n_scored >= 2 else "one_label"
+        dropped[why] += 1
+        dropped["fewer_pairs"] += max_pairs_per_problem - 1
+        missing.append(seed)
+        reasons.append(why)
+        details.append(
+            f"{len(positions)} samples: {n_true} {label}, {n_false} not, {len(positions) - n_true - n_false} unlabeled; "
+            f"{n_scored} with a reward (min gap {min_reward_gap})"
+        )
+    if not dropped["fewer_pairs"]:
+        del dropped["fewer_pairs"]
+    summary = (
+        rows.group_by("seed_id", maintain_order=True)
+        .agg(pl.col("question").first(), pl.col("sample_id").alias("sample_ids"))
+        .filter(pl.col("seed_id").is_in(missing))
+    )
+    order = {seed: n for n, seed in enumerate(missing)}
+    summary = summary.sort(pl.col("seed_id").replace_strict(order, return_dtype=pl.Int64))
+    rejects = rows_to_rejects(PAIR_STAGE, summary, reasons, details) if missing else empty_rejects()
+    count = StageCount(PAIR_STAGE, len(problems), pairs.height, max_pairs_per_problem, dict(dropped)).check()
+    return StageResult(PAIR_STAGE, pairs, rejects, count)

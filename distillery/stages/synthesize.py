@@ -39,12 +39,15 @@ def build_messages(question: str, cfg: GenerationConfig) -> list[dict[str, str]]
     return messages
 
 
-def build_requests(seeds: pl.DataFrame, cfg: GenerationConfig) -> list[dict[str, Any]]:
-    """One request per (problem, sample index), in seed order."""
+def build_requests(seeds: pl.DataFrame, cfg: GenerationConfig, *, first_index: int = 0, count: int | None = None) -> list[dict[str, Any]]:
+    """One request per (problem, sample index), in seed order: sample indices ``first_index`` to
+    ``first_index + count - 1`` (``count`` defaults to ``samples_per_problem``). Adaptive rounds
+    go on from where the last round stopped, so every sample has its own index and seed."""
+    count = cfg.samples_per_problem if count is None else count
     requests = []
     for seed in seeds.iter_rows(named=True):
         messages = build_messages(seed["question"], cfg)
-        for k in range(cfg.samples_per_problem):
+        for k in range(first_index, first_index + count):
             requests.append(
                 {
                     "seed_id": seed["seed_id"],

@@ -88,6 +88,8 @@ def extract_answer(text: str, *, fallback_last_number: bool = False) -> Extracte
     stated = [m.group(1) for m in _ANSWER_IS.finditer(text)]
     for candidate in reversed(stated):
         line = candidate.splitlines()[0].strip()
+        # "This is the final answer, which is 32." -> "32"
+        line = re.sub(r"^[,;:\s]*(?:(?:which|that)\s+(?:is|gives)\b)?\s*", "", line, flags=re.IGNORECASE)
         if "=" in line and "\\" not in line:  # "the answer is 10 * 100 = 1000 shells": the value is last
             line = line.rsplit("=", 1)[1].strip()
         if not line:

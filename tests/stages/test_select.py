@@ -3,7 +3,7 @@
 import polars as pl
 import pytest
 
-from distillery.stages.select import majority_vote, pass_rates, preference_pairs, preference_pairs_stage, select_samples
+from distillery.stages.select import majority_vote, pass_rates, pair_stage, preference_pairs, select_samples
 
 
 def _frame(problems: dict[str, list[tuple]]) -> pl.DataFrame:
@@ -324,11 +324,19 @@ def test_no_pair_when_all_samples_agree():
             "split": [("1", True, None), ("2", False, None)],
         }
     )
-    pairs, counts = preference_pairs_stage(rows)
-    assert pairs["seed_id"].to_list() == ["split"]
-    assert counts == {"problems": 3, "problems_with_pairs": 1, "pairs": 1}
-    empty, counts = preference_pairs_stage(_frame({"same": [("1", True, 0.5), ("1", True, 0.5)]}))
-    assert empty.height == 0 and empty.columns[0] == "pair_id" and counts == {"problems": 1, "problems_with_pairs": 0, "pairs": 0}
+    stage = pair_stage(rows)
+    assert stage.kept["seed_id"].to_list() == ["split"]
+    # problems in, pairs out, and a reject per problem without a pair, with why
+    assert (stage.count.rows_in, stage.count.rows_out) == (3, 1)
+    assert stage.count.dropped == {"no_reward_gap": 1, "one_label": 1}
+    assert dict(zip(stage.rejects["seed_id"], stage.rejects["reason"], strict=True)) == {"same": "no_reward_gap", "nolabel": "one_label"}
+    assert "2 samples: 2 correct, 0 not" in stage.rejects.filter(pl.col("seed_id") == "same")["detail"][0]
+    # two slots per problem: the unfilled ones are counted, and the counts still add up
+    wide = pair_stage(rows, max_pairs_per_problem=2)
+    assert wide.count.fanout == 2 and wide.count.rows_out == 1
+    assert wide.count.dropped == {"no_reward_gap": 1, "one_label": 1, "fewer_pairs": 3}
+    empty = pair_stage(_frame({"same": [("1", True, 0.5), ("1", True, 0.5)]}))
+    assert empty.kept.height == 0 and empty.kept.columns[0] == "pair_id" and empty.count.rows_in == 1
 
 
 def test_preference_pairs_options_are_checked():
