@@ -121,13 +121,14 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
     for name in store.datasets():
         for version in store.versions(name):
             m = store.manifest(name, version)
-            rows.append((name, version, m["created_at"], m["counts"]["input"], m["counts"]["published"], store.uri(f"{name}/{version}")))
+            kind = m.get("kind", "")
+            rows.append((name, version, kind, m["created_at"], m["counts"]["input"], m["counts"]["published"], store.uri(f"{name}/{version}")))
     if not rows:
         print(f"no data sets in {store.root}", file=sys.stderr)
         return 0
-    print(f"{'dataset':24} {'version':8} {'created':25} {'input':>7} {'published':>9}  uri")
-    for name, version, created, n_in, n_out, uri in rows:
-        print(f"{name:24} {version:8} {created:25} {n_in:>7} {n_out:>9}  {uri}")
+    print(f"{'dataset':24} {'version':8} {'kind':21} {'created':25} {'input':>7} {'published':>9}  uri")
+    for name, version, kind, created, n_in, n_out, uri in rows:
+        print(f"{name:24} {version:8} {kind:21} {created:25} {n_in:>7} {n_out:>9}  {uri}")
     return 0
 
 

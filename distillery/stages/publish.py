@@ -91,8 +91,18 @@ def render_card(manifest: dict) -> str:
             f"- code: `{manifest.get('code_version')}`",
             f"- model: `{generator.get('model')}` on {generator.get('engine')}",
             f"- parents: {', '.join(p['uri'] for p in manifest.get('parents', [])) or 'none'}",
-            "",
         ]
+        if manifest.get("kind"):
+            lines.append(f"- kind: {manifest['kind']}")
+        scorer = manifest.get("scorer") or {}
+        if scorer.get("method", "none") != "none":
+            lines.append(f"- scored by: {scorer['method']}" + (f" (`{scorer['reward_model']}`)" if scorer.get("reward_model") else ""))
+        selection = manifest.get("selection")
+        if selection and (selection.get("policy") != "all" or selection.get("difficulty") != "any"):
+            lines.append(f"- selection: {selection['policy']} on `{selection['label']}`, difficulty {selection['difficulty']}")
+        for name, uri in (manifest.get("companions") or {}).items():
+            lines.append(f"- {name.replace('_', ' ')}: {uri}")
+        lines.append("")
     return "\n".join(lines + _accounting_lines(manifest))
 
 
