@@ -179,6 +179,36 @@ def cmd_datasets_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_datasets_tag(args: argparse.Namespace) -> int:
+    from distillery.store import VersionNotFound
+
+    store = _store(args)
+    try:
+        if args.delete:
+            store.untag(args.name, args.tag)
+            print(f"{args.name}: removed tag {args.tag}")
+        else:
+            version = store.tag(args.name, args.tag, args.version)
+            print(f"{args.name}@{args.tag} -> {version}")
+    except (VersionNotFound, ValueError) as err:
+        return _fail(str(err), 1)
+    return 0
+
+
+def cmd_datasets_tags(args: argparse.Namespace) -> int:
+    from distillery.store import VersionNotFound
+
+    store = _store(args)
+    try:
+        latest = store.manifest(args.name)["version"]
+    except VersionNotFound as err:
+        return _fail(str(err), 1)
+    print(f"latest -> {latest}")
+    for tag, version in sorted(store.tags(args.name).items()):
+        print(f"{tag} -> {version}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from distillery.stages.reward_training import DEFAULT_L2
     from distillery.store import default_store
@@ -211,13 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     trm.add_argument("--base-model", default="embedded", help="the base model folder (default: embedded)")
     trm.set_defaults(func=cmd_train_reward_model)
 
-    datasets = sub.add_parser("datasets", help="list, show and diff published versions")
+    datasets = sub.add_parser("datasets", help="list, show, diff and tag published versions")
     datasets.add_argument("--store", default=default_store(), help="store URI (default: $DISTILLERY_STORE or ./store)")
     dsub = datasets.add_subparsers(dest="datasets_command", required=True)
     dsub.add_parser("list", help="every complete version in the store").set_defaults(func=cmd_datasets_list)
     show = dsub.add_parser("show", help="one version's card (or manifest with --json)")
     show.add_argument("name")
-    show.add_argument("version", nargs="?", default="latest")
+    show.add_argument("version", nargs="?", default="latest", help="vNNNN, latest or a tag")
     show.add_argument("--json", action="store_true", help="print the whole manifest")
     show.set_defaults(func=cmd_datasets_show)
     diff = dsub.add_parser("diff", help="what changed between two versions")
@@ -225,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("old")
     diff.add_argument("new", nargs="?", default="latest")
     diff.set_defaults(func=cmd_datasets_diff)
+    tag = dsub.add_parser("tag", help="point a tag at a version (moves it if it exists; copies no data)")
+    tag.add_argument("name")
+    tag.add_argument("tag", help="the tag, e.g. stable (not 'latest', which is always the newest version)")
+    tag.add_argument("version", nargs="?", default="latest", help="vNNNN, latest or another tag (default: latest)")
+    tag.add_argument("--delete", action="store_true", help="remove the tag instead")
+    tag.set_defaults(func=cmd_datasets_tag)
+    tags = dsub.add_parser("tags", help="a data set's tags and the versions they point at")
+    tags.add_argument("name")
+    tags.set_defaults(func=cmd_datasets_tags)
     return parser
 
 

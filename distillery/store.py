@@ -1,5 +1,10 @@
 """The versioned store: ``STORE/NAME/vNNNN/{manifest.json, data/, rejects/, card.md}``.
 
+Tags name versions without copying data: ``latest`` is always the newest complete version, and
+user tags (``STORE/NAME/_tags/TAG.json``, one small object each, rewritten atomically) point at
+one version until they are moved. Everything that reads a version takes ``vNNNN``, ``latest`` or
+a tag; URIs name a tag as ``STORE/NAME@TAG``.
+
 A store is a local folder or ``s3://bucket/prefix``. A version is complete if and only if its
 ``manifest.json`` exists, and the manifest is written last, so readers never see half a
 version. A publisher claims a version number with an exclusive write (``O_EXCL`` on disk,
@@ -14,12 +19,14 @@ import json
 import os
 import re
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 from distillery.uri_io import StorageError, is_s3, s3_client, s3_error, split_s3
 
 VERSION_DIR = re.compile(r"^v(\d{4,})$")
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+TAGS_DIR = "_tags"
 
 
 class VersionNotFound(LookupError):
@@ -97,6 +104,15 @@ class Store:
             return True
         return Path(self.root, key).is_file()
 
+    def delete(self, key: str) -> None:
+        if is_s3(self.root):
+            try:
+                s3_client().delete_object(Bucket=self.bucket, Key=self.prefix + key)
+            except Exception as err:
+                raise s3_error(self.uri(key), err) from err
+            return
+        Path(self.root, key).unlink(missing_ok=True)
+
     def children(self, key: str) -> list[str]:
         """Names directly under ``key`` (folders and files)."""
         if is_s3(self.root):
@@ -132,7 +148,44 @@ class Store:
             n += 1
         return f"v{n:04d}"
 
+    # -- tags --------------------------------------------------------------------------
+    def tags(self, dataset: str) -> dict[str, str]:
+        """User tags of a data set: tag -> version."""
+        names = self.children(f"{_check_name(dataset)}/{TAGS_DIR}")
+        tags = {}
+        for name in names:
+            if name.endswith(".json") and NAME.match(name[:-5]):
+                tags[name[:-5]] = json.loads(self.get(f"{dataset}/{TAGS_DIR}/{name}"))["version"]
+        return tags
+
+    def tag(self, dataset: str, tag: str, ref: str) -> str:
+        """Point ``tag`` at the version ``ref`` names (a version, ``latest`` or another tag),
+        moving it if it exists; return that version. No data is copied."""
+        _check_tag(tag)
+        version = self.manifest(dataset, ref)["version"]
+        body = {"tag": tag, "version": version, "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        self.put(f"{dataset}/{TAGS_DIR}/{tag}.json", (json.dumps(body) + "\n").encode())
+        return version
+
+    def untag(self, dataset: str, tag: str) -> None:
+        _check_tag(tag)
+        key = f"{_check_name(dataset)}/{TAGS_DIR}/{tag}.json"
+        if not self.exists(key):
+            raise VersionNotFound(f"{self.uri(dataset)}: no tag {tag!r}")
+        self.delete(key)
+
+    def resolve(self, dataset: str, ref: str = "latest") -> str:
+        """The version ``ref`` names: ``vNNNN``, ``latest`` or a tag."""
+        if ref == "latest" or VERSION_DIR.match(ref):
+            return ref
+        key = f"{_check_name(dataset)}/{TAGS_DIR}/{_check_tag(ref)}.json"
+        if not self.exists(key):
+            msg = f"{self.uri(dataset)}: no version or tag {ref!r} (tags: {sorted(self.tags(dataset)) or 'none'})"
+            raise VersionNotFound(msg)
+        return json.loads(self.get(key))["version"]
+
     def manifest(self, dataset: str, version: str = "latest") -> dict:
+        version = self.resolve(dataset, version)
         if version == "latest":
             versions = self.versions(dataset)
             if not versions:
@@ -146,17 +199,30 @@ class Store:
         return json.loads(self.get(key))
 
 
+def _check_tag(tag: str) -> str:
+    if tag == "latest" or VERSION_DIR.match(tag) or not NAME.match(tag) or ".." in tag:
+        msg = f"tag {tag!r}: use 1-64 of a-z 0-9 . _ - starting with a letter or digit; not 'latest' (always the newest version) or a version name"
+        raise ValueError(msg)
+    return tag
+
+
 def default_store() -> str:
     return os.environ.get("DISTILLERY_STORE", "store")
 
 
 def parse_version_uri(uri: str, *, default_version: str | None = None) -> tuple[Store, str, str] | None:
-    """``STORE/NAME/vNNNN`` -> (store, name, version). ``STORE/NAME`` gives ``default_version``
-    (e.g. ``"latest"``) when one is given; otherwise a URI that names no version gives None."""
-    parts = uri.rstrip("/").rsplit("/", 2)
+    """``STORE/NAME/vNNNN`` -> (store, name, version); ``STORE/NAME@TAG`` -> (store, name, TAG)
+    (``Store.manifest`` resolves a tag). ``STORE/NAME`` gives ``default_version`` (e.g.
+    ``"latest"``) when one is given; otherwise a URI that names no version gives None."""
+    uri = uri.rstrip("/")
+    parts = uri.rsplit("/", 2)
     if len(parts) == 3 and VERSION_DIR.match(parts[2]):
         return Store(parts[0]), parts[1], parts[2]
-    if default_version is None or "/" not in uri.rstrip("/"):
+    if "/" in uri and "@" in uri.rsplit("/", 1)[1]:
+        root, last = uri.rsplit("/", 1)
+        name, tag = last.split("@", 1)
+        return Store(root), name, tag
+    if default_version is None or "/" not in uri:
         return None
-    root, name = uri.rstrip("/").rsplit("/", 1)
+    root, name = uri.rsplit("/", 1)
     return Store(root), name, default_version
