@@ -1,4 +1,4 @@
-"""Publish: Parquet shards, rejects and a data card, then ``manifest.json`` last.
+"""Publish: Parquet shards, rejects, PNG plots and a data card, then ``manifest.json`` last.
 
 Before anything is written the published table is checked against its data contract and the
 stage counts are checked to add up; either failing stops the publish with nothing visible.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -20,6 +21,9 @@ from distillery.contracts import load_contract
 from distillery.store import Store
 
 SCHEMA_VERSION = 1
+PLOTS_DIR = "plots"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,23 @@ def render_card(manifest: dict) -> str:
         for name, uri in (manifest.get("companions") or {}).items():
             lines.append(f"- {name.replace('_', ' ')}: {uri}")
         lines.append("")
-    return "\n".join(lines + _accounting_lines(manifest))
+    return "\n".join(lines + _accounting_lines(manifest) + _plot_lines(manifest))
+
+
+def _plot_lines(manifest: dict) -> list[str]:
+    """``## Plots``: an image link (relative to the card) per PNG, and the plots that failed."""
+    plots, skipped = manifest.get("plots") or [], manifest.get("plots_skipped") or []
+    if not plots and not skipped:
+        return []
+    lines = ["## Plots", ""]
+    for plot in plots:
+        name = plot["path"].rsplit("/", 1)[-1].removesuffix(".png")
+        lines += [f"![{name}]({plot['path']})", ""]
+    for failure in skipped:
+        lines += [f"- not drawn: `{failure['plot']}` ({failure['error']})"]
+    if skipped:
+        lines.append("")
+    return lines
 
 
 def _accounting_lines(manifest: dict) -> list[str]:
@@ -190,7 +210,7 @@ def publish_version(
     }
     if signatures is not None:
         manifest["signatures"] = {**(signature_params or {}), "shards": _write_shards(store, f"{base}/signatures", signatures, shard_rows)}
-    return _seal(store, manifest)
+    return _seal(store, manifest, rows, rejects)
 
 
 def _check_and_claim(store: Store, dataset: str, rows: pl.DataFrame, *, input_rows: int, stages: list[StageCount], run_id: str, contract: str):
@@ -217,9 +237,34 @@ def _manifest_head(dataset: str, version: str, data_contract, rows: pl.DataFrame
     }
 
 
-def _seal(store: Store, manifest: dict) -> Published:
-    """The card, then ``manifest.json`` last: the version becomes visible complete or not at all."""
+def _write_plots(store: Store, manifest: dict, rows: pl.DataFrame, rejects: pl.DataFrame) -> None:
+    """The card's PNG plots under ``plots/``, listed in the manifest (``plots``: path, sha256, bytes).
+
+    A plot that fails to draw is left out, named in ``plots_skipped`` with its error and logged
+    as a warning: a plotting bug never loses a version.
+    """
     base = f"{manifest['dataset']}/{manifest['version']}"
+    try:
+        from distillery.plots import render_plots_safely
+
+        images, skipped = render_plots_safely(manifest, rows, rejects)
+    except Exception as exc:  # matplotlib missing or broken: publish without plots
+        log.warning("plots of %s not drawn: %s: %s", base, type(exc).__name__, exc)
+        images, skipped = {}, [{"plot": "*", "error": f"{type(exc).__name__}: {exc}"}]
+    entries = []
+    for name, data in images.items():
+        path = f"{PLOTS_DIR}/{name}"
+        store.put(f"{base}/{path}", data)
+        entries.append({"path": path, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+    manifest["plots"] = entries
+    if skipped:
+        manifest["plots_skipped"] = skipped
+
+
+def _seal(store: Store, manifest: dict, rows: pl.DataFrame, rejects: pl.DataFrame) -> Published:
+    """Plots, the card, then ``manifest.json`` last: the version becomes visible complete or not at all."""
+    base = f"{manifest['dataset']}/{manifest['version']}"
+    _write_plots(store, manifest, rows, rejects)
     store.put(f"{base}/card.md", render_card(manifest).encode())
     store.put(f"{base}/manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode())
     return Published(store.uri(base), manifest)
@@ -247,7 +292,7 @@ def publish_reward_model(
     Stored: the trained score head only (``model/score_head.safetensors``, one ``score.weight``
     tensor ``[1, hidden]``, a few KB; the base weights are named by checksum in ``base_model``,
     never copied), the example table (``data/``: sample_id, seed_id, split, correct, logit,
-    reward), the rows not used (``rejects/``), ``card.md``, and ``manifest.json`` last.
+    reward), the rows not used (``rejects/``), ``plots/*.png``, ``card.md``, and ``manifest.json`` last.
     ``metadata`` carries ``base_model``, ``training_data``, ``split``, ``metrics``,
     ``hyperparameters`` and the lineage fields, into the manifest as they are.
     """
@@ -271,4 +316,4 @@ def publish_reward_model(
         "reject_shards": _write_shards(store, f"{base}/rejects", rejects, shard_rows),
         **metadata,
     }
-    return _seal(store, manifest)
+    return _seal(store, manifest, examples, rejects)
