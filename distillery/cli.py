@@ -209,6 +209,28 @@ def cmd_datasets_tags(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from distillery.store import Store
+    from distillery.uri_io import StorageError, is_s3
+
+    store = Store(args.store)
+    if not is_s3(store.root) and not os.path.isdir(store.root):
+        return _fail(f"--store: {store.root}: no such folder", 1)
+    try:
+        datasets = store.datasets()  # a wrong bucket or missing credentials fail here, not on the first page
+    except StorageError as err:
+        return _fail(str(err), 1)
+    from distillery.ui import serve
+
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"distillery ui: {len(datasets)} data set(s) in {store.root}", file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"distillery ui: listening on {args.host}: the dashboard has no authentication", file=sys.stderr)
+    print(f"http://{shown}:{args.port}/", flush=True)
+    serve(store.root, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from distillery.stages.reward_training import DEFAULT_L2
     from distillery.store import default_store
@@ -264,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     tags = dsub.add_parser("tags", help="a data set's tags and the versions they point at")
     tags.add_argument("name")
     tags.set_defaults(func=cmd_datasets_tags)
+
+    ui = sub.add_parser("ui", help="serve the lineage dashboard over a store (prints its URL)")
+    ui.add_argument("--store", default=default_store(), help="store URI (default: $DISTILLERY_STORE or ./store)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 
