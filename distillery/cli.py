@@ -297,7 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from distillery.uri_io import StorageError
+
+    try:
+        return args.func(args)
+    except StorageError as err:  # an unreachable store, wrong credentials, a missing object
+        return _fail(str(err), 1)
 
 
 if __name__ == "__main__":
