@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 import distillery
 from distillery.accounting import StageResult
 from distillery.engine import start_ray
+from distillery.lineage import LineageRecorder
 from distillery.stages.collapse import check_gate, collapse_report
 from distillery.stages.dedup import signature_params
 from distillery.store import Store
@@ -59,10 +60,17 @@ def curation_metadata(results: list[StageResult]) -> dict:
 @flow(name="curate", log_prints=True)
 def curate(recipe: CurateRecipe, input_uri: str, store: str = "store") -> str:
     """Curate an existing data set (file or published version) and publish it as a new version."""
-    logger = get_run_logger()
     run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")
+    recorder = LineageRecorder("curate", run_id, store, recipe_hash=recipe.hash(), code_version=distillery.code_version(), description=recipe.description)
+    with recorder:  # OpenLineage: START now; stage events and COMPLETE after publish, FAIL if this raises
+        return _curate(recipe, input_uri, store, run_id, recorder)
+
+
+def _curate(recipe: CurateRecipe, input_uri: str, store: str, run_id: str, recorder: LineageRecorder) -> str:
+    logger = get_run_logger()
     start_ray()  # signatures fan out over Ray workers
     ingested = ingest_existing(input_uri, recipe.text_column, recipe.id_column, recipe.format)
+    recorder.input(ingested.meta["parent"])
     logger.info("ingest: %d rows read, %d kept, quarantined %s", ingested.count.rows_in, ingested.kept.height, ingested.count.dropped or "none")
     results = curation_stages(
         ingested.kept, quality=recipe.quality, decontamination=recipe.decontaminate, dedup_cfg=recipe.dedup, text_column=recipe.text_column
@@ -97,5 +105,6 @@ def curate(recipe: CurateRecipe, input_uri: str, store: str = "store") -> str:
             "stats": {"collapse": collapse, **curation_metadata(results)},
         },
     )
+    recorder.output(published, [ingested.count, *[r.count for r in results]], schema=rows.schema)
     logger.info("published %s: %d rows", published.uri, published.manifest["counts"]["published"])
     return published.uri

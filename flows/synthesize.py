@@ -22,6 +22,7 @@ import distillery
 from distillery.accounting import StageCount, StageResult
 from distillery.contracts import load_contract
 from distillery.engine import EnginePool, start_ray
+from distillery.lineage import LineageRecorder
 from distillery.model_setup import model_identity, resolve_model_path
 from distillery.stages.publish import Published
 from distillery.stages.select import pass_rates
@@ -160,14 +161,24 @@ def _spent_stats(spent: dict[str, int], rounds: int, budget: int) -> dict:
 @flow(name="synthesize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
 def synthesize(recipe: Recipe, store: str = "store") -> str:
     """Run one recipe end to end and return the URI of the published version."""
-    logger = get_run_logger()
     run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")
+    recorder = LineageRecorder(
+        "synthesize", run_id, store, recipe_hash=recipe.hash(), code_version=distillery.code_version(), description=recipe.description
+    )
+    with recorder:  # OpenLineage: START now; stage events and COMPLETE after publish, FAIL if this raises
+        return _synthesize(recipe, store, run_id, recorder)
+
+
+def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecorder) -> str:
+    logger = get_run_logger()
     model_dir = resolve_model_path(recipe.model.path)
     identity = model_identity(model_dir)
     model_name = recipe.model.name or identity["name"]
     lineage = {"model": model_name, "recipe_hash": recipe.hash(), "code_version": distillery.code_version()}
+    recorder.annotate(model=model_name)
 
     seeds = ingest(recipe.seeds)
+    recorder.input(seeds.meta["parent"])
     logger.info("ingest: %d rows read, %d seeds kept, quarantined %s", seeds.count.rows_in, seeds.kept.height, seeds.count.dropped or "none")
 
     gen = recipe.generation
@@ -195,8 +206,9 @@ def synthesize(recipe: Recipe, store: str = "store") -> str:
     )
     deduped = curated[-1]
     label = recipe.select.label_column(method)
+    selecting = recipe.select.policy != "all" or recipe.select.difficulty != "any"  # else a no-op, not a stage
     selected = select(deduped.kept, recipe.select, label) if deduped.kept.height else StageResult.empty("select")
-    after = [*scored, *curated, selected]
+    after = [*scored, *curated, *([selected] if selecting else [])]
 
     store_ = Store(store)
     stages = [seeds.count, synth.count, checked.count, *[r.count for r in after]]
@@ -228,7 +240,7 @@ def synthesize(recipe: Recipe, store: str = "store") -> str:
     }
     companions = {}
     if recipe.select.pairs.enabled:
-        companions["preference_pairs"] = _publish_pairs(store_, recipe, deduped.kept, label, run_id, metadata)
+        companions["preference_pairs"] = _publish_pairs(store_, recipe, deduped.kept, label, run_id, metadata, recorder)
     signatures = deduped.meta.get("signatures")
     if signatures is not None:  # only the published rows' signatures: later runs dedup against those
         signatures = signatures.filter(pl.col("sample_id").is_in(rows["sample_id"].to_list()))
@@ -245,11 +257,12 @@ def synthesize(recipe: Recipe, store: str = "store") -> str:
         signature_params=signature_params(recipe.dedup),
         metadata={**metadata, "kind": "sft-chain-of-thought", "companions": companions, "stats": stats},
     )
+    recorder.output(published, stages, schema=rows.schema)
     logger.info("published %s: %d rows", published.uri, published.manifest["counts"]["published"])
     return published.uri
 
 
-def _publish_pairs(store: Store, recipe: Recipe, rows: pl.DataFrame, label: str, run_id: str, metadata: dict) -> str:
+def _publish_pairs(store: Store, recipe: Recipe, rows: pl.DataFrame, label: str, run_id: str, metadata: dict, recorder: LineageRecorder) -> str:
     """Preference pairs from the samples curation kept (before best-of-N narrows them), as their
     own data set: its rows are problems in, pairs out (``pair`` stage, fanout = pairs per problem)."""
     result = pairs(rows, recipe.select, label)
@@ -268,5 +281,6 @@ def _publish_pairs(store: Store, recipe: Recipe, rows: pl.DataFrame, label: str,
         contract="preference_pairs",
         metadata={**metadata, "kind": "preference-pairs", "stats": stats},
     )
+    recorder.output(published, [result.count], schema=result.kept.schema, after="dedup")  # the pairs start from what dedup kept
     get_run_logger().info("published pairs %s: %d pairs", published.uri, result.kept.height)
     return published.uri

@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 import distillery
+from distillery.lineage import LineageRecorder
 from distillery.model_setup import model_identity, resolve_model_path
 from distillery.stages.reward_training import DEFAULT_L2, resolve_input, roc_auc, split_by_problem
 from distillery.store import Store
@@ -50,8 +51,15 @@ def train_reward_model(
     batch_size: int = 8,
 ) -> str:
     """Train a reward-model head on a samples version; publish it as ``STORE/NAME/vNNNN``; return that URI."""
-    logger = get_run_logger()
     run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")
+    with LineageRecorder("train_reward_model", run_id, store, code_version=distillery.code_version()) as recorder:  # START; COMPLETE or FAIL
+        return _train_reward_model(input_uri, name, store, heldout_fraction, seed, l2, base_model, batch_size, run_id, recorder)
+
+
+def _train_reward_model(
+    input_uri: str, name: str, store: str, heldout_fraction: float, seed: int, l2: float, base_model: str, batch_size: int, run_id: str, recorder: LineageRecorder
+) -> str:
+    logger = get_run_logger()
     if not 0 < heldout_fraction < 1:
         msg = f"heldout_fraction must be between 0 and 1 (exclusive), got {heldout_fraction}"
         raise ValueError(msg)
@@ -59,7 +67,9 @@ def train_reward_model(
     base = resolve_model_path(base_model)  # a missing model fails now, not after reading the data
     identity = model_identity(base)
 
+    recorder.annotate(model=identity["name"])
     ingested = ingest_existing(uri, "completion", None, "auto")
+    recorder.input(ingested.meta["parent"])
     logger.info("ingest: %d rows read from %s, %d kept, quarantined %s", ingested.count.rows_in, uri, ingested.kept.height, ingested.count.dropped or "none")
     selected = select_examples(ingested.kept)
     problems = selected.meta["problems"]
@@ -155,5 +165,7 @@ def train_reward_model(
             },
         },
     )
+    recorder.annotate(recipe_hash=published.manifest["recipe_hash"])
+    recorder.output(published, [ingested.count, selected.count], schema=table.schema)
     logger.info("published %s: reward model, %d examples, held-out AUC %s", published.uri, metrics["n"], _fmt(auc_heldout))
     return published.uri
