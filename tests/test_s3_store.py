@@ -135,3 +135,24 @@ def test_wrong_credentials_are_a_clear_error_that_shows_no_secret(authenticating
     assert out.returncode == 1, out.stderr
     assert "check the credentials" in out.stderr and "Traceback" not in out.stderr
     assert "wrong-secret-do-not-print" not in out.stderr + out.stdout
+
+
+def test_datasets_list_show_diff_and_tag_on_s3(bucket, s3_endpoint):
+    store = Store(f"s3://{bucket}/team")
+    _publish(store, _rows(2))
+    _publish(store, _rows(5))
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_endpoint}
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "distillery.cli", "datasets", "--store", store.root, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    listing = cli("list").splitlines()
+    assert [line.split()[:2] for line in listing[1:]] == [["demo", "v0001"], ["demo", "v0002"]]
+    assert f"s3://{bucket}/team/demo/v0002" in listing[2]
+    assert "# demo v0002" in cli("show", "demo")
+    diff = cli("diff", "demo", "v0001", "v0002")
+    assert "rows: 2 -> 5 (+3 added, -0 removed, 2 in both)" in diff
+    cli("tag", "demo", "stable", "v0001")
+    assert "# demo v0001" in cli("show", "demo", "stable")
