@@ -151,14 +151,13 @@ def materialize_reward_model(uri: str, base_model: str | None = None) -> Path:
     if "://" not in uri and (folder / "config.json").is_file():
         return folder
     from distillery.stages.reward_training import head_from_bytes, write_reward_model
-    from distillery.store import parse_version_uri
+    from distillery.store import open_version, parse_version_uri
 
-    ref = parse_version_uri(uri, default_version="latest")
-    if ref is None:
+    if parse_version_uri(uri, default_version="latest") is None:
         msg = f"reward model {uri!r}: not a model folder (no config.json) nor a published version STORE/NAME[/vNNNN]"
         raise ModelNotFound(msg)
-    store, name, version = ref
-    manifest = store.manifest(name, version)
+    store, manifest = open_version(uri, what="score.reward_model")
+    name = manifest["dataset"]
     version_uri = store.uri(f"{name}/{manifest['version']}")
     if manifest.get("kind") != "reward-model":
         msg = f"{version_uri} is a {manifest.get('kind') or 'samples'} data set, not a reward model"

@@ -226,3 +226,14 @@ def parse_version_uri(uri: str, *, default_version: str | None = None) -> tuple[
         return None
     root, name = uri.rsplit("/", 1)
     return Store(root), name, default_version
+
+
+def open_version(uri: str, *, what: str) -> tuple[Store, dict]:
+    """The store and manifest of ``STORE/NAME/vNNNN``, ``STORE/NAME@TAG`` or ``STORE/NAME``
+    (its latest version); ``what`` names the setting in the error for anything else."""
+    ref = parse_version_uri(uri, default_version="latest")
+    if ref is None:
+        msg = f"{what} {uri!r}: expected a published version, STORE/NAME, STORE/NAME/vNNNN or STORE/NAME@TAG"
+        raise ValueError(msg)
+    store, name, version = ref
+    return store, store.manifest(name, version)

@@ -11,12 +11,22 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATASET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def _dataset_name(value: str | None) -> str | None:
+    if value is not None and not DATASET_NAME.match(value):
+        msg = "data set names are 1-64 of a-z 0-9 . _ - and start with a letter or digit"
+        raise ValueError(msg)
+    return value
+
+
+DatasetName = Annotated[str | None, AfterValidator(_dataset_name)]
 
 
 class _Strict(BaseModel):
@@ -166,17 +176,9 @@ class PairsConfig(_Strict):
     """Preference pairs (chosen/rejected per problem), published as their own data set."""
 
     enabled: bool = False
-    dataset: str | None = None  # defaults to "<dataset>-pairs"
+    dataset: DatasetName = None  # defaults to "<dataset>-pairs"
     max_pairs_per_problem: int = Field(1, ge=1)
     min_reward_gap: float = Field(0.0, ge=0)
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset_name(cls, value: str | None) -> str | None:
-        if value is not None and not DATASET_NAME.match(value):
-            msg = "data set names are 1-64 of a-z 0-9 . _ - and start with a letter or digit"
-            raise ValueError(msg)
-        return value
 
 
 class SelectConfig(_Strict):
@@ -276,16 +278,8 @@ class CollapseConfig(_Strict):
 
 
 class PublishConfig(_Strict):
-    dataset: str | None = None  # defaults to the recipe name
+    dataset: DatasetName = None  # defaults to the recipe name
     shard_rows: int = Field(50_000, ge=1)
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset_name(cls, value: str | None) -> str | None:
-        if value is not None and not DATASET_NAME.match(value):
-            msg = "data set names are 1-64 of a-z 0-9 . _ - and start with a letter or digit"
-            raise ValueError(msg)
-        return value
 
 
 class _RecipeBase(_Strict):

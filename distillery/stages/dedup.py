@@ -217,16 +217,11 @@ def earlier_from_table(uri: str, table: pl.DataFrame, params: dict, cfg: DedupCo
 def load_earlier(uri: str, cfg: DedupConfig) -> EarlierRows:
     """The signatures of a published version, ``STORE/NAME/vNNNN`` (or ``STORE/NAME`` for its latest)."""
     from distillery.stages.publish import read_shards
-    from distillery.store import parse_version_uri
+    from distillery.store import open_version
 
-    ref = parse_version_uri(uri, default_version="latest")
-    if ref is None:
-        msg = f"dedup.against {uri}: expected STORE/NAME or STORE/NAME/vNNNN"
-        raise ValueError(msg)
-    store, name, version = ref
-    manifest = store.manifest(name, version)
+    store, manifest = open_version(uri, what="dedup.against")
     if "signatures" not in manifest:
         msg = f"dedup.against {uri}: version {manifest['version']} was published without MinHash signatures"
         raise ValueError(msg)
     params = {k: v for k, v in manifest["signatures"].items() if k != "shards"}
-    return earlier_from_table(store.uri(f"{name}/{manifest['version']}"), read_shards(store, manifest, "signatures"), params, cfg)
+    return earlier_from_table(store.uri(f"{manifest['dataset']}/{manifest['version']}"), read_shards(store, manifest, "signatures"), params, cfg)

@@ -104,15 +104,10 @@ def training_examples(rows: pl.DataFrame) -> StageResult:
 
 def resolve_input(input_uri: str) -> tuple[str, dict]:
     """The concrete version URI (``STORE/NAME`` means the latest) and its manifest."""
-    from distillery.store import parse_version_uri
+    from distillery.store import open_version
 
-    ref = parse_version_uri(input_uri, default_version="latest")
-    if ref is None:
-        msg = f"input {input_uri!r}: give a published samples version, STORE/NAME/vNNNN (or STORE/NAME for the latest)"
-        raise ValueError(msg)
-    store, name, version = ref
-    manifest = store.manifest(name, version)
-    uri = store.uri(f"{name}/{manifest['version']}")
+    store, manifest = open_version(input_uri, what="input")
+    uri = store.uri(f"{manifest['dataset']}/{manifest['version']}")
     if manifest.get("kind") == "reward-model":
         msg = f"input {uri} is a reward model; train from a samples data set"
         raise ValueError(msg)
