@@ -168,33 +168,58 @@ class PoolingRewardModel(_OwnsEngineCore):
 
 
 class EnginePool:
-    """``replicas`` engines as Ray actors; shard ``i`` goes to actor ``i % replicas``."""
+    """``replicas`` engines as Ray actors; shard ``i`` goes to actor ``i % replicas``.
+
+    The actors start on the first request (once, whichever shard asks first), so a run whose
+    requests all come from the generation cache never starts an engine.
+    """
 
     def __init__(self, model_path: str, engine: EngineConfig, seed: int = 0) -> None:
+        import threading
+
+        self.model_path, self.engine, self.seed = model_path, engine, seed
+        self.actors: list = []
+        self.started_in: float | None = None  # seconds the engines took to start
+        self._lock = threading.Lock()
+
+    def start(self) -> list:
+        import time
+
         import ray
 
-        actor_cls = ray.remote(
-            num_cpus=engine.cpus_per_replica,
-            num_gpus=engine.gpus_per_replica * engine.tensor_parallel_size,
-            max_restarts=1,  # a dead engine comes back once; its shard is retried by the task
-            runtime_env={"env_vars": ENGINE_ENV},
-        )(VLLMEngine)
-        self.actors = [actor_cls.remote(model_path, engine, seed) for _ in range(engine.replicas)]
-        # Surface start-up failures (bad model folder, out of memory) here, once, with the cause.
-        ray.get([a.render.remote([{"role": "user", "content": "ping"}]) for a in self.actors])
+        with self._lock:
+            if not self.actors:
+                started = time.perf_counter()
+                engine = self.engine
+                actor_cls = ray.remote(
+                    num_cpus=engine.cpus_per_replica,
+                    num_gpus=engine.gpus_per_replica * engine.tensor_parallel_size,
+                    max_restarts=1,  # a dead engine comes back once; its shard is retried by the task
+                    runtime_env={"env_vars": ENGINE_ENV},
+                )(VLLMEngine)
+                actors = [actor_cls.remote(self.model_path, engine, self.seed) for _ in range(engine.replicas)]
+                # Surface start-up failures (bad model folder, out of memory) here, once, with the cause.
+                ray.get([a.render.remote([{"role": "user", "content": "ping"}]) for a in actors])
+                self.actors = actors
+                self.started_in = time.perf_counter() - started
+        return self.actors
 
     def generate(self, shard_index: int, requests: list[dict[str, Any]], sampling: SamplingSettings) -> list[dict[str, Any]]:
         import ray
 
-        actor = self.actors[shard_index % len(self.actors)]
+        if not requests:
+            return []
+        actors = self.start()
+        actor = actors[shard_index % len(actors)]
         return ray.get(actor.generate.remote(requests, sampling))
 
     def shutdown(self) -> None:
         import ray
 
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
+        with self._lock:
+            for actor in self.actors:
+                ray.kill(actor)
+            self.actors = []
 
 
 def start_ray() -> None:

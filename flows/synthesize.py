@@ -22,6 +22,7 @@ import distillery
 from distillery.accounting import StageCount, StageResult
 from distillery.contracts import load_contract
 from distillery.engine import EnginePool, start_ray
+from distillery.generation_cache import CachedGenerator
 from distillery.lineage import LineageRecorder
 from distillery.model_setup import model_identity, resolve_model_path
 from distillery.stages.publish import Published
@@ -131,20 +132,29 @@ def _sample_in_rounds(pool: EnginePool, recipe: Recipe, seeds: pl.DataFrame, lin
     return synth, checked
 
 
-def _generate_verify_and_judge(recipe: Recipe, seeds: pl.DataFrame, model_dir, lineage: dict) -> tuple[StageResult, StageResult, StageResult | None, float]:
-    """Start the vLLM actors once; sample (in rounds), verify, and judge while they are up."""
+def _generate_verify_and_judge(
+    recipe: Recipe, seeds: pl.DataFrame, model_dir, lineage: dict, store: Store, model_sha256: str | None
+) -> tuple[StageResult, StageResult, StageResult | None, float]:
+    """Sample (in rounds), verify, and judge while the vLLM actors are up. The actors start once,
+    on the first request the generation cache cannot answer (never, if it answers all)."""
     logger = get_run_logger()
     start_ray()
-    started = time.perf_counter()
     pool = EnginePool(str(model_dir), recipe.engine, seed=recipe.generation.seed)
-    logger.info("engines ready: %d x vLLM (%s) in %.1fs", len(pool.actors), lineage["model"], time.perf_counter() - started)
+    generator = pool
+    if recipe.generation.cache and model_sha256:
+        generator = CachedGenerator(pool, store, str(model_dir), {"sha256": model_sha256, "dtype": recipe.engine.dtype})
     try:
         started = time.perf_counter()
-        synth, checked = _sample_in_rounds(pool, recipe, seeds, lineage)
-        seconds = time.perf_counter() - started
-        judged = score(checked.kept, recipe.score, recipe.engine, pool, seed=recipe.generation.seed) if recipe.score.method == "judge" else None
+        synth, checked = _sample_in_rounds(generator, recipe, seeds, lineage)
+        seconds = time.perf_counter() - started - (pool.started_in or 0.0)
+        judged = score(checked.kept, recipe.score, recipe.engine, generator, seed=recipe.generation.seed) if recipe.score.method == "judge" else None
     finally:
         pool.shutdown()
+    if pool.started_in is not None:
+        logger.info("engines: %d x vLLM (%s) started in %.1fs", recipe.engine.replicas, lineage["model"], pool.started_in)
+    if isinstance(generator, CachedGenerator):
+        synth.meta["generation_cache"] = {"hits": generator.hits, "misses": generator.misses}
+        logger.info("generation cache: %d requests answered from the store, %d generated", generator.hits, generator.misses)
     return synth, checked, judged, seconds
 
 
@@ -187,8 +197,10 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     if seeds.kept.height == 0:  # nothing valid to generate from: publish an empty, fully accounted version
         synth, checked, gen_seconds = StageResult.empty("synthesize", budget), StageResult.empty("verify"), 0.0
     else:
-        synth, checked, judged, gen_seconds = _generate_verify_and_judge(recipe, seeds.kept, model_dir, lineage)
+        synth, checked, judged, gen_seconds = _generate_verify_and_judge(recipe, seeds.kept, model_dir, lineage, Store(store), identity.get("sha256"))
     stats = _stats(synth.kept, checked.kept, gen_seconds)
+    if "generation_cache" in synth.meta:
+        stats["generation_cache"] = synth.meta["generation_cache"]
     if "samples_spent" in synth.meta:
         stats["sampling"] = _spent_stats(synth.meta["samples_spent"], synth.meta["rounds"], budget)
     logger.info("verify: %s of %s samples with a reference are correct", stats["samples_correct"], stats["samples_with_reference"])

@@ -112,6 +112,9 @@ class GenerationConfig(_Strict):
     # Sample in rounds of samples_per_problem until a problem has target_correct verified
     # samples or max_samples were drawn for it (None: one round of samples_per_problem).
     adaptive: AdaptiveConfig | None = None
+    # Keep every result in the store's generation cache (keyed by model, rendered prompt, sampling
+    # and seed) and answer repeated requests from it: distillery/generation_cache.py.
+    cache: bool = True
 
     @field_validator("prompt_template")
     @classmethod

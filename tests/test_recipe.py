@@ -89,3 +89,23 @@ def test_selection_label_follows_the_scorer():
     assert recipe.select.label_column("program") == "program_correct"
     assert load_recipe(Path("recipes/default.yaml"), ["select.label=correct"]).select.label_column("majority_vote") == "correct"
     assert recipe.pairs_dataset == "arithmetic-cot-pairs"
+
+
+def test_generation_cache_keys_change_with_what_determines_a_generation():
+    from distillery.engine import SamplingSettings
+    from distillery.generation_cache import request_key
+
+    model = {"sha256": "abc", "dtype": "auto"}
+    sampling = SamplingSettings(0.8, 0.95, 128)
+    key = request_key(model, "<prompt>", sampling, 7)
+    assert key == request_key(dict(model), "<prompt>", SamplingSettings(0.8, 0.95, 128), 7)  # stable
+    changed = [
+        request_key({**model, "sha256": "abd"}, "<prompt>", sampling, 7),  # another model or revision
+        request_key({**model, "dtype": "float32"}, "<prompt>", sampling, 7),
+        request_key(model, "<prompt> ", sampling, 7),  # another rendered prompt
+        request_key(model, "<prompt>", SamplingSettings(0.7, 0.95, 128), 7),
+        request_key(model, "<prompt>", SamplingSettings(0.8, 0.9, 128), 7),
+        request_key(model, "<prompt>", SamplingSettings(0.8, 0.95, 64), 7),
+        request_key(model, "<prompt>", sampling, 8),  # another sampling seed
+    ]
+    assert len({key, *changed}) == 8

@@ -1,0 +1,97 @@
+"""The generation request cache: a generation is never paid for twice.
+
+Each request's result is kept in the store (so on S3 when the store is) under a key that is the
+sha256 of what determines it: the model's weights (sha256) and dtype, the **rendered** prompt
+(the chat template applied to the messages, so a changed template, system prompt or question is
+a new key), the sampling settings (temperature, top_p, max_tokens) and the request's sampling
+seed. Editing a later stage, a filter or the seed count reuses every earlier generation; a
+changed prompt template or model regenerates everything. Results that are errors are not kept.
+
+Layout: ``STORE/_cache/generation/<key[:2]>/<key>.json``, one small object per request, written
+atomically (a run killed mid-shard keeps what it wrote). Nothing is thrown away on success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from distillery.engine import SamplingSettings
+from distillery.store import Store
+from distillery.uri_io import StorageError
+
+PREFIX = "_cache/generation"
+_KEPT = ("completion", "finish_reason", "num_tokens", "prompt_tokens")
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def render(model_dir: str, messages: list[dict[str, str]]) -> str:
+    """The prompt as the engine renders it (``VLLMEngine.render``: the tokenizer's chat template)."""
+    return _tokenizer(model_dir).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def request_key(model: dict[str, str], prompt: str, sampling: SamplingSettings, seed: int) -> str:
+    """``model``: {"sha256", "dtype"}; ``prompt``: the rendered prompt (with any response prefix)."""
+    material = {
+        "model_sha256": model["sha256"],
+        "dtype": model["dtype"],
+        "prompt": prompt,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+class CachedGenerator:
+    """Wraps an engine pool (anything with ``generate(shard_index, requests, sampling)``): hits
+    come from the store, only misses reach the engines, and their results are stored."""
+
+    def __init__(self, pool, store: Store, model_dir: str, model: dict[str, str], threads: int = 16) -> None:
+        self.pool, self.store, self.model_dir, self.model, self.threads = pool, store, str(Path(model_dir)), model, threads
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()  # shards run in threads
+
+    def _path(self, key: str) -> str:
+        return f"{PREFIX}/{key[:2]}/{key}.json"
+
+    def _get(self, key: str) -> dict[str, Any] | None:
+        try:
+            if not self.store.exists(self._path(key)):
+                return None
+            return json.loads(self.store.get(self._path(key)))
+        except (StorageError, ValueError):
+            return None  # an unreadable entry is a miss, never a failed run
+
+    def generate(self, shard_index: int, requests: list[dict[str, Any]], sampling: SamplingSettings) -> list[dict[str, Any]]:
+        prompts = [render(self.model_dir, r["messages"]) + r.get("response_prefix", "") for r in requests]
+        keys = [request_key(self.model, p, sampling, r["sampling_seed"]) for p, r in zip(prompts, requests, strict=True)]
+        with ThreadPoolExecutor(self.threads) as pool:
+            cached = list(pool.map(self._get, keys))
+        missing = [i for i, hit in enumerate(cached) if hit is None]
+        fresh = self.pool.generate(shard_index, [requests[i] for i in missing], sampling) if missing else []
+        results: list[dict[str, Any] | None] = [None if hit is None else {**hit, "error": None, "prompt": prompts[i]} for i, hit in enumerate(cached)]
+        to_store = []
+        for i, result in zip(missing, fresh, strict=True):
+            results[i] = result
+            if result.get("error") is None and result.get("completion") is not None:
+                to_store.append((keys[i], {k: result.get(k) for k in _KEPT}))
+        with ThreadPoolExecutor(self.threads) as pool:
+            list(pool.map(lambda kv: self.store.put(self._path(kv[0]), json.dumps(kv[1]).encode()), to_store))
+        with self._lock:
+            self.hits += len(requests) - len(missing)
+            self.misses += len(missing)
+        return results
