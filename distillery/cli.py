@@ -231,8 +231,22 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from distillery.deploy import DeployError, deploy
+
+    if args.gpus is not None and args.gpus < 0:
+        return _fail("--gpus: must be 0 or more", 2)
+    try:
+        deploy(args.file, args.name, pool=args.pool, store=args.store, gpus=args.gpus, log=lambda m: print(m, file=sys.stderr))
+    except DeployError as err:
+        return _fail(str(err), 1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from distillery.stages.reward_training import DEFAULT_L2
+    from distillery.deploy import DEFAULT_FILE, DEFAULT_POOL
     from distillery.store import default_store
 
     parser = argparse.ArgumentParser(prog="distillery", description="Synthesize, verify, curate and publish post-training data.")
@@ -286,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     tags = dsub.add_parser("tags", help="a data set's tags and the versions they point at")
     tags.add_argument("name")
     tags.set_defaults(func=cmd_datasets_tags)
+
+    dep = sub.add_parser("deploy", help="register infra/prefect.yaml's scheduled deployments with the Prefect server at PREFECT_API_URL")
+    dep.add_argument("--file", default=str(DEFAULT_FILE), help="the prefect.yaml to deploy (default: infra/prefect.yaml)")
+    dep.add_argument("--name", action="append", help="deploy only this deployment (repeatable; default: all of them)")
+    dep.add_argument("--pool", default=DEFAULT_POOL, help=f"the process work pool to create/use (default: {DEFAULT_POOL})")
+    dep.add_argument("--store", default=default_store(), help="the store the deployments publish to (default: $DISTILLERY_STORE or ./store)")
+    dep.add_argument("--gpus", type=int, help="slots of the 'gpu' concurrency limit (default when creating it: the GPUs nvidia-smi lists)")
+    dep.set_defaults(func=cmd_deploy)
 
     ui = sub.add_parser("ui", help="serve the lineage dashboard over a store (prints its URL)")
     ui.add_argument("--store", default=default_store(), help="store URI (default: $DISTILLERY_STORE or ./store)")

@@ -249,6 +249,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
         "scorer": {"method": method, **({"reward_model": recipe.score.reward_model} if method == "reward_model" else {})},
         "selection": {**recipe.select.model_dump(mode="json", exclude={"pairs"}), "label": label},
         "flow_run_id": run_id,
+        "root_flow_run_id": str(flow_run.get_root_flow_run_id() or run_id),  # the deployment run, when one started it
     }
     companions = {}
     if recipe.select.pairs.enabled:
