@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import distillery
-from distillery.accounting import StageCount, StageResult
+from distillery.accounting import StageCount, StageResult, empty_rejects
 from distillery.contracts import load_contract
 from distillery.engine import EnginePool, start_ray
 from distillery.generation_cache import CachedGenerator
@@ -219,7 +219,10 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     deduped = curated[-1]
     label = recipe.select.label_column(method)
     selecting = recipe.select.policy != "all" or recipe.select.difficulty != "any"  # else a no-op, not a stage
-    selected = select(deduped.kept, recipe.select, label) if deduped.kept.height else StageResult.empty("select")
+    if selecting and deduped.kept.height:
+        selected = select(deduped.kept, recipe.select, label)
+    else:  # nothing to choose from, or nothing to choose: everything curation kept goes on
+        selected = StageResult("select", deduped.kept, empty_rejects(), StageCount("select", deduped.kept.height, deduped.kept.height))
     after = [*scored, *curated, *([selected] if selecting else [])]
 
     store_ = Store(store)
