@@ -9,6 +9,13 @@ changed prompt template or model regenerates everything. Results that are errors
 
 Layout: ``STORE/_cache/generation/<key[:2]>/<key>.json``, one small object per request, written
 atomically (a run killed mid-shard keeps what it wrote). Nothing is thrown away on success.
+
+vLLM's outputs depend on the batch a request ran in (seen here on the CPU build: the same
+request and seed alone or beside others gives different text), so each entry also names its
+batch (the hash of the batch's request keys, in order). A shard found partly cached *from its own
+batch* is one whose writes a crash cut short: it is generated again whole, which gives exactly
+what the uninterrupted run would have. A shard partly cached from other batches (seeds were added,
+so shards regrouped) reuses what it finds and generates only the rest.
 """
 
 from __future__ import annotations
@@ -61,6 +68,9 @@ class CachedGenerator:
 
     def __init__(self, pool, store: Store, model_dir: str, model: dict[str, str], threads: int = 16) -> None:
         self.pool, self.store, self.model_dir, self.model, self.threads = pool, store, str(Path(model_dir)), model, threads
+        # Load the tokenizer now, in one thread: shards run in threads, and transformers' lazy
+        # imports raced there ("cannot import name 'AutoTokenizer'", seen here on a busy machine).
+        _tokenizer(self.model_dir)
         self.hits = 0
         self.misses = 0
         self._lock = threading.Lock()  # shards run in threads
@@ -79,19 +89,24 @@ class CachedGenerator:
     def generate(self, shard_index: int, requests: list[dict[str, Any]], sampling: SamplingSettings) -> list[dict[str, Any]]:
         prompts = [render(self.model_dir, r["messages"]) + r.get("response_prefix", "") for r in requests]
         keys = [request_key(self.model, p, sampling, r["sampling_seed"]) for p, r in zip(prompts, requests, strict=True)]
+        batch = hashlib.sha256("".join(keys).encode()).hexdigest()
         with ThreadPoolExecutor(self.threads) as pool:
             cached = list(pool.map(self._get, keys))
         missing = [i for i, hit in enumerate(cached) if hit is None]
+        if missing and any(hit is not None and hit.get("batch") == batch for hit in cached):
+            cached, missing = [None] * len(keys), list(range(len(keys)))  # a crash cut this batch's writes short
         fresh = self.pool.generate(shard_index, [requests[i] for i in missing], sampling) if missing else []
-        results: list[dict[str, Any] | None] = [None if hit is None else {**hit, "error": None, "prompt": prompts[i]} for i, hit in enumerate(cached)]
+        results: list[dict[str, Any] | None] = [
+            None if hit is None else {**{k: hit.get(k) for k in _KEPT}, "error": None, "prompt": prompts[i]} for i, hit in enumerate(cached)
+        ]
         to_store = []
         for i, result in zip(missing, fresh, strict=True):
             results[i] = result
             if result.get("error") is None and result.get("completion") is not None:
-                to_store.append((keys[i], {k: result.get(k) for k in _KEPT}))
+                to_store.append((keys[i], {**{k: result.get(k) for k in _KEPT}, "batch": batch}))
         with ThreadPoolExecutor(self.threads) as pool:
             list(pool.map(lambda kv: self.store.put(self._path(kv[0]), json.dumps(kv[1]).encode()), to_store))
-        with self._lock:
+        with self._lock:  # a regenerated batch counts as misses: it went to the engines
             self.hits += len(requests) - len(missing)
             self.misses += len(missing)
         return results

@@ -8,6 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from distillery.accounting import StageResult
 from distillery.engine import EnginePool, SamplingSettings
+from distillery.faults import failpoint
 from distillery.stages.synthesize import build_requests, samples_from_results
 from schemas.recipe import GenerationConfig
 
@@ -21,6 +22,7 @@ def synthesize_shard(
     requests = build_requests(seeds, cfg, first_index=first_index, count=count)
     results = pool.generate(shard_index, requests, SamplingSettings.from_config(cfg))
     result = samples_from_results(seeds, requests, results, samples_per_problem=count, lineage=lineage)
+    failpoint("synthesize-shard")  # chaos tests: crash with this shard generated and cached
     seconds = time.perf_counter() - started
     tokens = sum(r["num_tokens"] for r in results)
     # An engine serves its shards one after another, so the time includes waiting for earlier ones;

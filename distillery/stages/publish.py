@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from distillery.accounting import AccountingError, StageCount
 from distillery.contracts import load_contract
+from distillery.faults import failpoint
 from distillery.store import Store
 
 SCHEMA_VERSION = 1
@@ -266,6 +267,7 @@ def _seal(store: Store, manifest: dict, rows: pl.DataFrame, rejects: pl.DataFram
     base = f"{manifest['dataset']}/{manifest['version']}"
     _write_plots(store, manifest, rows, rejects)
     store.put(f"{base}/card.md", render_card(manifest).encode())
+    failpoint("publish")  # chaos tests: crash with everything written but the manifest
     store.put(f"{base}/manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode())
     return Published(store.uri(base), manifest)
 
@@ -317,3 +319,119 @@ def publish_reward_model(
         **metadata,
     }
     return _seal(store, manifest, examples, rejects)
+
+
+# -- streaming publish: parts written locally as rows arrive, then one version ------------------
+
+
+class PartWriter:
+    """Parquet parts of ``shard_rows`` rows each, written to a local folder as frames arrive.
+
+    The parts are the same as ``_write_shards`` makes of the whole table (``part-00000.parquet``,
+    ... of exactly ``shard_rows`` rows, the last shorter; one empty part for no rows), so a
+    version published from parts is byte for byte the one ``publish_version`` writes. ``contract``
+    checks each part as it is written (uniqueness only within a part: ingest already rejects
+    repeated ids). Memory: at most ``shard_rows`` buffered rows plus the frame being added.
+    """
+
+    def __init__(self, folder, prefix: str, shard_rows: int, *, schema: dict | None = None, contract: str | None = None) -> None:
+        from pathlib import Path
+
+        self.folder, self.prefix, self.shard_rows, self.schema = Path(folder) / prefix, prefix, shard_rows, schema
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.contract = load_contract(contract) if contract else None
+        self.buffer: list[pl.DataFrame] = []
+        self.buffered = 0
+        self.rows = 0
+        self.parts: list[dict] = []
+
+    def add(self, frame: pl.DataFrame) -> None:
+        if frame.height == 0:
+            if self.schema is None:
+                self.schema = dict(frame.schema)
+            return
+        self.buffer.append(frame)
+        self.buffered += frame.height
+        while self.buffered >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def _flush(self, n: int) -> None:
+        table = pl.concat(self.buffer, how="vertical_relaxed") if len(self.buffer) > 1 else self.buffer[0]
+        part, rest = table.slice(0, n), table.slice(n)
+        self.buffer, self.buffered = ([rest] if rest.height else []), rest.height
+        self._write(part)
+
+    def _write(self, part: pl.DataFrame) -> None:
+        if self.contract is not None:
+            self.contract.check_table(part)
+        data = parquet_bytes(part)
+        name = f"part-{len(self.parts):05d}.parquet"
+        (self.folder / name).write_bytes(data)
+        self.rows += part.height
+        self.parts.append({"path": f"{self.prefix}/{name}", "rows": part.height, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+
+    def close(self) -> list[dict]:
+        """Write what is buffered (or one empty part if nothing came); the shard entries."""
+        if self.buffered:
+            self._flush(self.buffered)
+        if not self.parts:
+            self._write(pl.DataFrame(schema=self.schema or {}))
+        return self.parts
+
+    def read(self, limit: int) -> pl.DataFrame:
+        """Up to ``limit`` of the written rows (from the first parts), e.g. for the card's plots."""
+        frames, n = [], 0
+        for part in self.parts:
+            if n >= limit:
+                break
+            frame = pl.read_parquet(self.folder / part["path"].split("/", 1)[1])
+            frames.append(frame.head(limit - n))
+            n += frames[-1].height
+        return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame(schema=self.schema or {})
+
+
+def publish_parts(
+    store: Store,
+    dataset: str,
+    data: PartWriter,
+    rejects: PartWriter,
+    *,
+    input_rows: int,
+    stages: list[StageCount],
+    run_id: str,
+    metadata: dict,
+    signatures: PartWriter | None = None,
+    signature_params: dict | None = None,
+    plot_rows: int = 100_000,
+) -> Published:
+    """``publish_version`` for a table already written as local parts (``PartWriter``s, closed).
+
+    The counts are checked before anything is written (each part was checked against the contract
+    as it was written), then a version is claimed, the parts are copied into it one at a time, and
+    the plots, card and manifest follow, the manifest last. The plots are drawn from the first
+    ``plot_rows`` published rows and rejects (all of them, for a version of up to that size).
+    """
+    check_counts(input_rows, stages, data.rows)
+    contract = data.contract or load_contract("samples")
+    version = store.claim_version(dataset, run_id)
+    base = f"{dataset}/{version}"
+
+    def copy(writer: PartWriter) -> list[dict]:
+        for part in writer.parts:
+            store.put(f"{base}/{part['path']}", (writer.folder / part["path"].split("/", 1)[1]).read_bytes())
+        return writer.parts
+
+    manifest = {
+        "dataset": dataset,
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "schema_version": SCHEMA_VERSION,
+        "contract": {"name": contract.name, "version": contract.version},
+        "counts": {"input": input_rows, "published": data.rows, "rejected": rejects.rows, "stages": [s.as_dict() for s in stages]},
+        "shards": copy(data),
+        "reject_shards": copy(rejects),
+        **metadata,
+    }
+    if signatures is not None:
+        manifest["signatures"] = {**(signature_params or {}), "shards": copy(signatures)}
+    return _seal(store, manifest, data.read(plot_rows), rejects.read(plot_rows))
