@@ -20,6 +20,32 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def preflight(store: str, inputs: list[str] = ()) -> int | None:
+    """Before Prefect and Ray start (tens of seconds), check what a run needs: the store answers
+    (a folder, or a bucket that can be listed with these credentials), each input file exists and
+    is not empty, and ``RAY_ADDRESS`` (when set) answers. An exit code and the message if not."""
+    from distillery.engine import Unreachable, check_ray_address
+    from distillery.stages.ingest import EmptyInput, preflight_input
+    from distillery.store import Store
+    from distillery.uri_io import StorageError, is_s3
+
+    try:
+        target = Store(store)
+    except (ValueError, StorageError) as err:  # credentials in it, '..' in an S3 prefix, not s3://
+        return _fail(f"--store: {err}", 2)
+    try:
+        if is_s3(target.root):
+            target.children("")  # one LIST: the endpoint, the bucket and the credentials
+        for uri in inputs:
+            preflight_input(uri)
+        check_ray_address()
+    except (StorageError, EmptyInput, Unreachable) as err:
+        return _fail(str(err), 1)
+    except ValueError as err:  # a version URI that climbs out of its store
+        return _fail(str(err), 2)
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.limit is not None:
@@ -36,6 +62,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         resolve_model_path(recipe.model.path)  # fail in a second, not after Prefect and Ray start
     except ModelNotFound as err:
         return _fail(f"model.path: {err}", 1)
+    failed = preflight(args.store, [recipe.seeds.path] if recipe.seeds.path else [])
+    if failed is not None:
+        return failed
     from flows.synthesize import synthesize
 
     return _run_and_print_uri(lambda: synthesize(recipe, store=args.store))
@@ -43,6 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_and_print_uri(run) -> int:
     """Run a flow; print its version URI as the last line of stdout, or the error (exit 1)."""
+    from distillery.engine import EngineLost, Unreachable
     from distillery.model_setup import ModelNotFound
     from distillery.stages.collapse import CollapseGateFailed
     from distillery.store import VersionNotFound
@@ -50,7 +80,7 @@ def _run_and_print_uri(run) -> int:
 
     try:
         uri = run()
-    except (ModelNotFound, StorageError, VersionNotFound, CollapseGateFailed, ValueError) as err:
+    except (ModelNotFound, StorageError, VersionNotFound, CollapseGateFailed, ValueError, EngineLost, Unreachable) as err:
         return _fail(str(err), 1)
     finally:
         import ray
@@ -71,6 +101,9 @@ def cmd_curate(args: argparse.Namespace) -> int:
     except RecipeError as err:
         return _fail(str(err), 2)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    failed = preflight(args.store, [args.input])
+    if failed is not None:
+        return failed
     from flows.curate import curate
 
     return _run_and_print_uri(lambda: curate(recipe, input_uri=args.input, store=args.store))
@@ -325,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except StorageError as err:  # an unreachable store, wrong credentials, a missing object
         return _fail(str(err), 1)
+    except ValueError as err:
+        if args.command == "datasets":  # a data set name or tag that cannot exist (e.g. '../x')
+            return _fail(str(err), 2)
+        raise
 
 
 if __name__ == "__main__":

@@ -4,10 +4,24 @@ tensor-parallel group), or one on the CPU build of vLLM.
 ``VLLMEngine`` is a plain class (usable without Ray, e.g. in a notebook); ``EnginePool`` starts
 ``replicas`` of it as Ray actors and routes each shard to one. A request that fails becomes a
 row with an ``error`` instead of failing the batch (the batch is retried row by row first).
+
+Placement: the pool reserves one placement-group bundle per replica,
+``{"CPU": cpus_per_replica, "GPU": gpus_per_replica * tensor_parallel_size}``, before it starts an
+actor. A bundle always lies on one node, so a tensor-parallel group's GPUs are on one node (what
+STRICT_PACK would give one group); the group's strategy is PACK, so replicas fill a node first but
+may spread over nodes. CPU stages (verify, dedup signatures) are plain Ray tasks and get what the
+bundles leave. A cluster that cannot hold the bundles is an error that names them.
+
+Faults: an engine actor whose process dies (OOM killer, a lost node, SIGKILL) is restarted by Ray
+(``max_restarts``); the pool waits for it and resubmits the batch (``max_task_retries=0``: the
+pool, not Ray, decides what is retried). A batch that keeps killing its engine is split in halves,
+down to single requests, and a request that still kills it becomes an error result (a
+``generation_error`` reject), not a failed run.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +30,72 @@ from schemas.recipe import EngineConfig, GenerationConfig
 
 # vLLM and the tokenizer must never reach for a model hub at run time.
 ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+MAX_RESTARTS = 3  # Ray restarts a dead engine actor this often...
+MAX_REPLACEMENTS = 3  # ...then the pool starts a new one in the same bundle, this often per replica
+BATCH_ATTEMPTS = 2  # a whole batch is sent this often before it is split
+_PING = [{"role": "user", "content": "ping"}]
+
+log = logging.getLogger(__name__)
+
+
+def _logger():
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a Prefect run
+        return log
+
+
+def _seconds(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+class PlacementError(ValueError):
+    """The cluster cannot hold the engines' placement group (the recipe's ``engine`` asks for
+    more than there is). A ``ValueError``: the CLI reports it and exits 1."""
+
+
+class EngineLost(RuntimeError):
+    """An engine actor died more often than it may be restarted and replaced."""
+
+
+def _actor_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+def error_result(message: str) -> dict[str, Any]:
+    """A request that produced no completion: ``samples_from_results`` makes it a reject."""
+    return {"completion": None, "finish_reason": "error", "num_tokens": 0, "prompt_tokens": 0, "error": message, "prompt": None}
+
+
+def placement_bundles(engine: EngineConfig) -> list[dict[str, float]]:
+    """One bundle per engine replica: its CPUs and its GPUs (``gpus_per_replica`` per
+    tensor-parallel rank); zero amounts are left out (Ray rejects a bundle of zeros)."""
+    gpus = engine.gpus_per_replica * engine.tensor_parallel_size
+    bundle = {k: float(v) for k, v in (("CPU", engine.cpus_per_replica), ("GPU", gpus)) if v}
+    return [dict(bundle) for _ in range(engine.replicas)] if bundle else []
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items())) or "nothing"
+
+
+def _fits(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool:
+    """Whether ``bundles`` fit the nodes' total resources (first fit, largest bundle first)."""
+    free = [dict(n) for n in nodes]
+    for bundle in sorted(bundles, key=lambda b: -sum(b.values())):
+        for node in free:
+            if all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()):
+                for k, v in bundle.items():
+                    node[k] = node.get(k, 0.0) - v
+                break
+        else:
+            return False
+    return True
 
 
 def _in_ray_worker() -> bool:
@@ -81,6 +161,11 @@ class VLLMEngine(_OwnsEngineCore):
         }
         if engine.gpus_per_replica > 0:
             kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+            if engine.tensor_parallel_size > 1:
+                # The actor holds its whole tensor-parallel group (one bundle, one node), so the
+                # ranks are local processes. Inside a placement group vLLM would otherwise pick
+                # its Ray executor, which wants one bundle per GPU and refuses ours.
+                kwargs["distributed_executor_backend"] = "mp"
         else:
             # vLLM 0.32 CPU: a per-request seed plus a prompt split across scheduler steps
             # (chunked prefill) kills the engine ("CPU Generator does not use offset"). Whole
@@ -93,6 +178,14 @@ class VLLMEngine(_OwnsEngineCore):
 
     def render(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _restart_if_dead(self, err: Exception) -> None:
+        if type(err).__name__ == "EngineDeadError":  # a dead engine core answers nothing more
+            try:
+                self.close()
+            except Exception:  # it is dead already; what matters is the new one
+                self.llm = None
+            self.llm = self._start()
 
     def _generate(self, prompts: list[str], seeds: list[int], sampling: SamplingSettings) -> list[dict[str, Any]]:
         from vllm import SamplingParams
@@ -122,14 +215,14 @@ class VLLMEngine(_OwnsEngineCore):
         try:
             results = self._generate(prompts, seeds, sampling)
         except Exception as err:  # one bad request must not sink the batch: retry one by one
-            if type(err).__name__ == "EngineDeadError":
-                self.llm = self._start()  # a dead engine core answers nothing more; start a new one
+            self._restart_if_dead(err)
             results = []
             for prompt, seed in zip(prompts, seeds, strict=True):
                 try:
                     results.extend(self._generate([prompt], [seed], sampling))
                 except Exception as err:
-                    results.append({"completion": None, "finish_reason": "error", "num_tokens": 0, "prompt_tokens": 0, "error": f"{type(err).__name__}: {err}"})
+                    results.append(error_result(f"{type(err).__name__}: {err}"))
+                    self._restart_if_dead(err)  # the next row needs a live engine core
         for prompt, result in zip(prompts, results, strict=True):
             result["prompt"] = prompt
         return results
@@ -171,55 +264,262 @@ class EnginePool:
     """``replicas`` engines as Ray actors; shard ``i`` goes to actor ``i % replicas``.
 
     The actors start on the first request (once, whichever shard asks first), so a run whose
-    requests all come from the generation cache never starts an engine.
+    requests all come from the generation cache never starts an engine. Each actor runs in its
+    own bundle of one placement group (``placement_bundles``), removed again by ``shutdown``.
+
+    ``placement_timeout_s``: how long to wait for the cluster to make room for the bundles
+    (``DISTILLERY_PLACEMENT_TIMEOUT_S``; by default 60 s on a local cluster, 600 s on one named by
+    ``RAY_ADDRESS``, whose autoscaler may have to start GPU nodes). A local cluster that could
+    never hold them fails at once.
     """
 
-    def __init__(self, model_path: str, engine: EngineConfig, seed: int = 0) -> None:
+    def __init__(self, model_path: str, engine: EngineConfig, seed: int = 0, *, placement_timeout_s: float | None = None, engine_cls: type | None = None) -> None:
         import threading
 
         self.model_path, self.engine, self.seed = model_path, engine, seed
         self.actors: list = []
+        self.placement_group = None
         self.started_in: float | None = None  # seconds the engines took to start
+        self.actor_failures = 0  # batches that lost their engine (each was resubmitted or split)
+        self.replaced: list[int] = []  # per replica: new actors started after Ray's restarts ran out
+        default = 600.0 if os.environ.get("RAY_ADDRESS") else 60.0
+        self.placement_timeout_s = placement_timeout_s if placement_timeout_s is not None else _seconds("DISTILLERY_PLACEMENT_TIMEOUT_S", default)
+        self.restart_timeout_s = _seconds("DISTILLERY_ENGINE_RESTART_TIMEOUT_S", 900.0)
+        self._engine_cls = engine_cls or VLLMEngine  # a stand-in only in tests of the fault handling
         self._lock = threading.Lock()
+
+    def _reserve(self):
+        """The placement group for the engines, ready; ``None`` when they ask for no resources."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        bundles = placement_bundles(self.engine)
+        if not bundles:
+            return None
+        wanted = f"{len(bundles)} x {{{_describe(bundles[0])}}}"
+        e = self.engine
+        settings = f"engine.replicas={e.replicas}, engine.cpus_per_replica={e.cpus_per_replica:g}, engine.gpus_per_replica={e.gpus_per_replica:g}, engine.tensor_parallel_size={e.tensor_parallel_size}"
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+        have = f"{len(nodes)} node(s) with {_describe(total)} in all"
+        if not os.environ.get("RAY_ADDRESS") and not _fits(bundles, nodes):
+            # a local cluster never grows: waiting could not help
+            msg = f"the engines need {wanted} (one bundle per replica: {settings}) but this local Ray cluster has {have}; lower the engine settings or set RAY_ADDRESS to a cluster that has them"
+            raise PlacementError(msg)
+        group = placement_group(bundles, strategy="PACK", name=f"distillery-engines-{os.getpid()}-{id(self)}")
+        if not group.wait(timeout_seconds=self.placement_timeout_s):
+            remove_placement_group(group)
+            free = ray.available_resources()
+            available = {k: free.get(k, 0.0) for k in ("CPU", "GPU")}
+            msg = (
+                f"the engines need {wanted} (one bundle per replica: {settings}); the Ray cluster ({have}, "
+                f"{_describe(available)} free now) could not place them within {self.placement_timeout_s:g}s "
+                "(set DISTILLERY_PLACEMENT_TIMEOUT_S to wait longer, e.g. for an autoscaler)"
+            )
+            raise PlacementError(msg)
+        return group
+
+    def _new_actor(self, index: int):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        engine = self.engine
+        options: dict[str, Any] = {
+            "num_cpus": engine.cpus_per_replica,
+            "num_gpus": engine.gpus_per_replica * engine.tensor_parallel_size,
+            "max_restarts": MAX_RESTARTS,
+            "max_task_retries": 0,  # a batch in flight when the actor died is resubmitted by ``generate``
+            "runtime_env": {"env_vars": ENGINE_ENV},
+        }
+        if self.placement_group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=self.placement_group, placement_group_bundle_index=index
+            )
+        return ray.remote(**options)(self._engine_cls).remote(self.model_path, engine, self.seed)
 
     def start(self) -> list:
         import time
 
         import ray
+        from ray.util.placement_group import remove_placement_group
 
         with self._lock:
             if not self.actors:
                 started = time.perf_counter()
-                engine = self.engine
-                actor_cls = ray.remote(
-                    num_cpus=engine.cpus_per_replica,
-                    num_gpus=engine.gpus_per_replica * engine.tensor_parallel_size,
-                    max_restarts=1,  # a dead engine comes back once; its shard is retried by the task
-                    runtime_env={"env_vars": ENGINE_ENV},
-                )(VLLMEngine)
-                actors = [actor_cls.remote(self.model_path, engine, self.seed) for _ in range(engine.replicas)]
-                # Surface start-up failures (bad model folder, out of memory) here, once, with the cause.
-                ray.get([a.render.remote([{"role": "user", "content": "ping"}]) for a in actors])
+                self.placement_group = self._reserve()
+                try:
+                    actors = [self._new_actor(i) for i in range(self.engine.replicas)]
+                    # Surface start-up failures (bad model folder, out of memory) here, once, with the cause.
+                    ray.get([a.render.remote(_PING) for a in actors])
+                except BaseException:
+                    if self.placement_group is not None:
+                        remove_placement_group(self.placement_group)
+                        self.placement_group = None
+                    raise
                 self.actors = actors
+                self.replaced = [0] * len(actors)
                 self.started_in = time.perf_counter() - started
         return self.actors
 
     def generate(self, shard_index: int, requests: list[dict[str, Any]], sampling: SamplingSettings) -> list[dict[str, Any]]:
-        import ray
-
         if not requests:
             return []
         actors = self.start()
-        actor = actors[shard_index % len(actors)]
-        return ray.get(actor.generate.remote(requests, sampling))
+        return self._generate(shard_index % len(actors), requests, sampling, BATCH_ATTEMPTS)
+
+    def _generate(self, index: int, requests: list[dict[str, Any]], sampling: SamplingSettings, attempts: int) -> list[dict[str, Any]]:
+        """Send ``requests`` to engine ``index`` up to ``attempts`` times while its actor dies;
+        then in halves (one attempt each), and a single request that still kills it is an error."""
+        import ray
+
+        error: BaseException | None = None
+        for attempt in range(1, attempts + 1):
+            actor = self.actors[index]
+            try:
+                return ray.get(actor.generate.remote(requests, sampling))
+            except _actor_errors() as err:
+                error = err
+                with self._lock:
+                    self.actor_failures += 1
+                _logger().warning(
+                    "engine %d died during a batch of %d requests (attempt %d of %d): %s; waiting for it to come back",
+                    index, len(requests), attempt, attempts, _first_line(err),
+                )
+                self._revive(index, actor)
+        if len(requests) == 1:
+            return [error_result(f"the engine died on this request {attempts} time(s): {type(error).__name__}: {_first_line(error)}")]
+        half = len(requests) // 2
+        _logger().warning("engine %d: splitting a batch of %d requests that keeps killing it", index, len(requests))
+        return self._generate(index, requests[:half], sampling, 1) + self._generate(index, requests[half:], sampling, 1)
+
+    def _revive(self, index: int, dead) -> None:
+        """Return once engine ``index`` answers again: Ray's restart of ``dead`` or, when its
+        restarts are used up, a new actor in the same bundle (``MAX_REPLACEMENTS`` per replica)."""
+        import ray
+
+        for _ in range(MAX_REPLACEMENTS + 2):
+            with self._lock:
+                actor = self.actors[index]
+            err = self._wait_for(index, actor)
+            if err is None:
+                return
+            with self._lock:
+                if self.actors[index] is not actor:
+                    continue  # another shard's thread replaced it already
+                if self.replaced[index] >= MAX_REPLACEMENTS:
+                    msg = f"engine {index} died more than {(MAX_REPLACEMENTS + 1) * (MAX_RESTARTS + 1) - 1} times; giving up: {_first_line(err)}"
+                    raise EngineLost(msg) from err
+                self.replaced[index] += 1
+                _logger().warning("engine %d is gone for good (%s); starting a new actor (%d of %d)", index, _first_line(err), self.replaced[index], MAX_REPLACEMENTS)
+                ray.kill(actor)
+                self.actors[index] = self._new_actor(index)
+        raise EngineLost(f"engine {index} could not be started again")
+
+    def _wait_for(self, index: int, actor) -> BaseException | None:
+        """``None`` once ``actor`` answers (a call to a restarting actor waits for it); the
+        error when it is dead for good (three calls in a row find it dead)."""
+        import time
+
+        import ray
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError
+
+        deadline = time.monotonic() + self.restart_timeout_s
+        deaths = 0
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                ray.get(actor.render.remote(_PING), timeout=left)
+                return None
+            except GetTimeoutError:
+                break
+            except ActorUnavailableError:  # restarting, or its death is not noticed yet
+                time.sleep(0.5)
+            except _actor_errors() as err:  # a call sent just before Ray noticed the death fails too
+                deaths += 1
+                if deaths >= 3:
+                    return err
+                time.sleep(0.5)
+        msg = f"engine {index} did not come back within {self.restart_timeout_s:g}s (DISTILLERY_ENGINE_RESTART_TIMEOUT_S)"
+        raise EngineLost(msg)
 
     def shutdown(self) -> None:
         import ray
+        from ray.util.placement_group import remove_placement_group
 
         with self._lock:
             for actor in self.actors:
                 ray.kill(actor)
             self.actors = []
+            if self.placement_group is not None:
+                remove_placement_group(self.placement_group)
+                self.placement_group = None
+
+
+def _first_line(err: BaseException | None) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+class Unreachable(ConnectionError):
+    """A service the run needs (a Ray cluster, the store) does not answer; the message says which."""
+
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_ray_address(timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """With ``RAY_ADDRESS`` set, check in ``timeout`` seconds that something listens there.
+
+    ``ray.init(address=...)`` on a closed port does not fail: it retries for minutes ("Failed to
+    connect to GCS ... within 5 seconds", again and again). So the CLI opens one TCP connection to
+    the cluster's address first and stops with :class:`Unreachable`, naming ``RAY_ADDRESS``.
+    ``auto`` is resolved like Ray does (the cluster last started on this machine)."""
+    import socket
+
+    original = os.environ.get("RAY_ADDRESS", "").strip()
+    if not original or original == "local":
+        return
+    address = original
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            address = canonicalize_bootstrap_address("auto") or ""
+        except Exception as err:  # no cluster started on this machine
+            msg = f"RAY_ADDRESS=auto: no running Ray cluster found on this machine ({err}); start one with `ray start --head`, or unset RAY_ADDRESS to start a local one"
+            raise Unreachable(msg) from None
+    client = address.startswith("ray://")
+    target = address.removeprefix("ray://").rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep:
+        host, port = target, "10001" if client else "6379"
+    try:
+        port_number = int(port)
+    except ValueError:
+        msg = f"RAY_ADDRESS={original!r}: expected host:port (a Ray cluster's GCS address, e.g. 10.0.0.5:6379) or ray://host:10001"
+        raise Unreachable(msg) from None
+    advice = "start the cluster (`ray start --head`) or fix RAY_ADDRESS, or unset it to start a local cluster"
+    try:
+        sock = socket.create_connection((host.strip("[]"), port_number), timeout=timeout)
+    except OSError as err:
+        why = f"no answer in {timeout:g}s" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        msg = f"RAY_ADDRESS={original}: no Ray cluster reachable at {host}:{port_number} ({why}); {advice}"
+        raise Unreachable(msg) from None
+    header = b""
+    with sock:
+        # Ray's GCS (and its client server) speak gRPC: to HTTP/2's connection preface a gRPC
+        # server answers with a SETTINGS frame (type 4). Anything else listening there is not Ray.
+        try:
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            while len(header) < 9:
+                chunk = sock.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+        except OSError:
+            pass
+    if len(header) < 9 or header[3] != 4:
+        msg = f"RAY_ADDRESS={original}: something listens at {host}:{port_number}, but it does not answer like a Ray cluster (no gRPC answer in {timeout:g}s); {advice}"
+        raise Unreachable(msg)
 
 
 def start_ray() -> None:
@@ -231,6 +531,9 @@ def start_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     env = {**ENGINE_ENV, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if address:
+        check_ray_address()  # ray.init would retry a dead address for minutes
         ray.init(address=address, runtime_env={"env_vars": env})
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, configure_logging=False)
+        # "local": a new cluster, never one that `ray start` left on this machine (which a bare
+        # ray.init() would join): RAY_ADDRESS is the one way to name a cluster.
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, configure_logging=False)

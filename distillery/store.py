@@ -22,7 +22,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from distillery.uri_io import StorageError, is_s3, s3_client, s3_error, split_s3
+from distillery.uri_io import StorageError, check_uri, is_s3, s3_client, s3_error, split_s3
 
 VERSION_DIR = re.compile(r"^v(\d{4,})$")
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -31,6 +31,18 @@ TAGS_DIR = "_tags"
 
 class VersionNotFound(LookupError):
     pass
+
+
+def _check_key(key: str) -> str:
+    """A key inside the store: relative, no ``..`` segment, no backslash or NUL; else ValueError.
+
+    Keys come from data set names, versions, tags and manifests (shard and plot paths); a
+    manifest that names ``../../x`` must not make a reader (the UI, ``read_shards``) open a file
+    outside the store."""
+    if key.startswith("/") or "\\" in key or "\x00" in key or ".." in key.split("/"):
+        msg = f"store key {key!r}: must be a relative path inside the store, without '..' (refused: it would leave the store)"
+        raise ValueError(msg)
+    return key
 
 
 def _check_name(name: str) -> str:
@@ -44,9 +56,13 @@ class Store:
     """Bytes by key under a root (a folder or an S3 prefix)."""
 
     def __init__(self, root: str) -> None:
+        check_uri(root)  # no credentials in a store URI, no scheme other than s3://
         self.root = root.rstrip("/") if is_s3(root) else str(Path(root).expanduser().resolve())
         if is_s3(self.root):
             self.bucket, self.prefix = split_s3(self.root + "/")
+            if ".." in self.prefix.split("/"):
+                msg = f"store {self.root}: '..' is not allowed in an S3 store URI (S3 keys are not paths)"
+                raise ValueError(msg)
 
     def uri(self, key: str) -> str:
         return f"{self.root}/{key}"
@@ -54,12 +70,13 @@ class Store:
     # -- primitive operations ------------------------------------------------------------
     def put(self, key: str, data: bytes, *, exclusive: bool = False) -> bool:
         """Write ``data`` at ``key`` atomically. With ``exclusive``, return False if it exists."""
+        _check_key(key)
         if is_s3(self.root):
             extra = {"IfNoneMatch": "*"} if exclusive else {}
             try:
                 s3_client().put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, **extra)
             except Exception as err:
-                code = getattr(err, "response", {}).get("Error", {}).get("Code")
+                code = (getattr(err, "response", None) or {}).get("Error", {}).get("Code")
                 if exclusive and code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                     return False
                 raise s3_error(self.uri(key), err) from err
@@ -81,6 +98,7 @@ class Store:
         return True
 
     def get(self, key: str) -> bytes:
+        _check_key(key)
         if is_s3(self.root):
             try:
                 return s3_client().get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
@@ -93,11 +111,12 @@ class Store:
             raise StorageError(msg) from None
 
     def exists(self, key: str) -> bool:
+        _check_key(key)
         if is_s3(self.root):
             try:
                 s3_client().head_object(Bucket=self.bucket, Key=self.prefix + key)
             except Exception as err:
-                code = getattr(err, "response", {}).get("Error", {}).get("Code")
+                code = (getattr(err, "response", None) or {}).get("Error", {}).get("Code")
                 if code in ("404", "NoSuchKey", "NotFound"):
                     return False
                 raise s3_error(self.uri(key), err) from err
@@ -105,6 +124,7 @@ class Store:
         return Path(self.root, key).is_file()
 
     def delete(self, key: str) -> None:
+        _check_key(key)
         if is_s3(self.root):
             try:
                 s3_client().delete_object(Bucket=self.bucket, Key=self.prefix + key)
@@ -115,6 +135,7 @@ class Store:
 
     def children(self, key: str) -> list[str]:
         """Names directly under ``key`` (folders and files)."""
+        _check_key(key)
         if is_s3(self.root):
             names: set[str] = set()
             paginator = s3_client().get_paginator("list_objects_v2")
@@ -213,19 +234,36 @@ def default_store() -> str:
 def parse_version_uri(uri: str, *, default_version: str | None = None) -> tuple[Store, str, str] | None:
     """``STORE/NAME/vNNNN`` -> (store, name, version); ``STORE/NAME@TAG`` -> (store, name, TAG)
     (``Store.manifest`` resolves a tag). ``STORE/NAME`` gives ``default_version`` (e.g.
-    ``"latest"``) when one is given; otherwise a URI that names no version gives None."""
+    ``"latest"``) when one is given; otherwise a URI that names no version gives None.
+
+    A version URI with ``..`` after its start (``STORE/../other/v0001``) is a ValueError."""
     uri = uri.rstrip("/")
     parts = uri.rsplit("/", 2)
     if len(parts) == 3 and VERSION_DIR.match(parts[2]):
+        _check_version_uri(uri)
         return Store(parts[0]), parts[1], parts[2]
     if "/" in uri and "@" in uri.rsplit("/", 1)[1]:
+        _check_version_uri(uri)
         root, last = uri.rsplit("/", 1)
         name, tag = last.split("@", 1)
         return Store(root), name, tag
     if default_version is None or "/" not in uri:
         return None
+    _check_version_uri(uri)
     root, name = uri.rsplit("/", 1)
     return Store(root), name, default_version
+
+
+def _check_version_uri(uri: str) -> None:
+    """Refuse a version URI that climbs out of a folder it named (``STORE/../other/v0001``,
+    ``STORE/NAME@TAG/../..``): what it names would not be a version of the store it spells.
+    Only a local path may start with ``../`` (relative to the working folder); an S3 URI may not
+    have ``..`` at all."""
+    segments = uri.removeprefix("s3://").split("/") if is_s3(uri) else uri.split("/")
+    leading = 0 if is_s3(uri) else next((i for i, seg in enumerate(segments) if seg not in ("..", ".")), len(segments))
+    if ".." in segments[leading:]:
+        msg = f"version URI {uri!r}: '..' is not allowed after the start of a version URI; give the store's own path, as in STORE/NAME/vNNNN"
+        raise ValueError(msg)
 
 
 def open_version(uri: str, *, what: str) -> tuple[Store, dict]:

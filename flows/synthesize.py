@@ -152,6 +152,7 @@ def _generate_verify_and_judge(
         pool.shutdown()
     if pool.started_in is not None:
         logger.info("engines: %d x vLLM (%s) started in %.1fs", recipe.engine.replicas, lineage["model"], pool.started_in)
+    synth.meta["engine_failures"] = pool.actor_failures  # batches resubmitted after an engine died
     if isinstance(generator, CachedGenerator):
         synth.meta["generation_cache"] = {"hits": generator.hits, "misses": generator.misses}
         logger.info("generation cache: %d requests answered from the store, %d generated", generator.hits, generator.misses)
@@ -201,6 +202,8 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     stats = _stats(synth.kept, checked.kept, gen_seconds)
     if "generation_cache" in synth.meta:
         stats["generation_cache"] = synth.meta["generation_cache"]
+    if "engine_failures" in synth.meta:
+        stats["engine_failures"] = synth.meta["engine_failures"]
     if "samples_spent" in synth.meta:
         stats["sampling"] = _spent_stats(synth.meta["samples_spent"], synth.meta["rounds"], budget)
     logger.info("verify: %s of %s samples with a reference are correct", stats["samples_correct"], stats["samples_with_reference"])

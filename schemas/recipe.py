@@ -60,6 +60,9 @@ class SeedsConfig(_Strict):
     fields: FieldMap = FieldMap()
     answer_format: Literal["gsm8k", "plain"] = "plain"
     limit: int | None = Field(None, ge=1)
+    # A row (a JSONL line, or a Parquet row as JSON) over this many bytes is quarantined as
+    # `too_large` before it is parsed; it is kept whole in rejects/. 1 MiB by default.
+    max_row_bytes: int = Field(1 << 20, ge=1024)
 
     @model_validator(mode="after")
     def _one_source(self) -> SeedsConfig:
@@ -301,6 +304,15 @@ class _RecipeBase(_Strict):
     def dataset(self) -> str:
         return self.publish.dataset or self.name
 
+    @model_validator(mode="after")
+    def _no_credentials(self) -> _RecipeBase:
+        # A recipe is stored in every manifest: a secret in it would be published. (load_recipe
+        # says the same per field; this catches recipes built in code.)
+        found = credential_fields(self.model_dump(mode="json"))
+        if found:
+            raise ValueError(_credentials_message(found))
+        return self
+
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -358,16 +370,71 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file and each bad field."""
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def credential_fields(data: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """``(field path, why)`` for every string in ``data`` that carries credentials: a URI with
+    ``user:password@``, or an ``s3://`` URI with a query string (a presigned signature)."""
+    from distillery.uri_io import credentials_in_uri
+
+    if isinstance(data, dict):
+        return [hit for k, v in data.items() for hit in credential_fields(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(data, (list, tuple)):
+        return [hit for i, v in enumerate(data) for hit in credential_fields(v, f"{prefix}.{i}")]
+    if isinstance(data, str):
+        why = credentials_in_uri(data)
+        return [(prefix, why)] if why else []
+    return []
+
+
+def _credentials_message(found: list[tuple[str, str]]) -> str:
+    fields = "; ".join(f"field '{where}': {why}" for where, why in found)
+    return (
+        f"{fields}. A recipe is stored in every manifest, so it must hold no secrets: give credentials "
+        "through the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile), never in a URI"
+    )
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field's annotation (``X``, ``X | None``, ``list[X]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed where ``loc`` points (its last part is the unknown key)."""
+    cls: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(str(part))
+        cls = _model_in(field.annotation) if field is not None else None
+    return list(cls.model_fields) if cls is not None else []
+
+
+def _format_errors(source: str, err: ValidationError, model: type[BaseModel] = BaseModel) -> str:
+    import difflib
+
+    from distillery.uri_io import redact_uri
+
     lines = [f"recipe {source} is invalid:"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         message = e["msg"]
         if e["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling; see recipes/README.md for the fields)"
+            known = _known_fields(model, tuple(e["loc"]))
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known fields here: {', '.join(known)}" if known else "check the spelling"
+            message = f"unknown field; {hint} (README.md's Recipes section lists the fields)"
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
-            message = f"{message} (got {e['input']!r})"
-        lines.append(f"  field '{where}': {message}")
+            shown = e["input"]
+            if isinstance(shown, str) and credential_fields(shown):
+                shown = "***"  # never echo a secret
+            message = f"{message} (got {redact_uri(repr(shown))})"
+        lines.append(f"  field '{where}': {redact_uri(message)}")
     return "\n".join(lines)
 
 
@@ -399,10 +466,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), *, model: ty
         data: dict[str, Any] = {}
         for assignment in overrides:
             apply_override(data, assignment)
+        _refuse_credentials("(defaults)", data)
         try:
             return model.model_validate(data)
         except ValidationError as err:
-            raise RecipeError(_format_errors("(defaults)", err)) from None
+            raise RecipeError(_format_errors("(defaults)", err, model)) from None
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -417,7 +485,15 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), *, model: ty
         raise RecipeError(msg)
     for assignment in overrides:
         apply_override(data, assignment)
+    _refuse_credentials(str(path), data)
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_format_errors(str(path), err)) from None
+        raise RecipeError(_format_errors(str(path), err, model)) from None
+
+
+def _refuse_credentials(source: str, data: dict[str, Any]) -> None:
+    found = credential_fields(data)
+    if found:
+        msg = f"recipe {source} is invalid: {_credentials_message(found)}"
+        raise RecipeError(msg)

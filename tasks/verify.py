@@ -8,7 +8,9 @@ from distillery.accounting import StageResult
 from distillery.stages.verify import verify_samples
 from schemas.recipe import VerifyConfig
 
-_verify_remote = ray.remote(num_cpus=1)(verify_samples)
+# SPREAD: on a cluster, the shards go to every node's spare CPUs (the engines' placement group
+# holds theirs) instead of piling onto the driver's node first; on one node it changes nothing.
+_verify_remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(verify_samples)
 
 
 @task(name="verify-shard", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, task_run_name="verify-shard-{shard_index}")

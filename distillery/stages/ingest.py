@@ -1,8 +1,15 @@
 """Ingest: read seeds (JSONL or Parquet, local or s3://), map fields, check the seed contract.
 
-Bad input never stops the run: a line that is not JSON, a row that is not an object, a
-missing or mistyped field, an over-long question or a repeated seed is quarantined as a
-reject with the reason and the raw row, and counted in the manifest.
+Bad input never stops the run: a line that is not JSON or not UTF-8, a row over the size
+limit (``too_large``: ``seeds.max_row_bytes``, 1 MiB by default, checked before the line is
+parsed), a row that is not an object, a missing or mistyped field, an over-long question or a
+repeated seed is quarantined as a reject with the reason and the raw row (the whole row, also
+when it is too large), and counted in the manifest.
+
+An input with no rows at all (an empty file, only blank lines, a Parquet file without rows) is
+not bad rows but a bad input: :class:`EmptyInput` (a ValueError) says so, and nothing is
+published. :func:`preflight_input` checks that a file exists and is not empty before a flow
+starts, so the CLI fails in a second, not after Prefect and Ray start.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import io
 import json
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -33,6 +41,13 @@ SEED_SCHEMA = {
 }
 
 
+DEFAULT_MAX_ROW_BYTES = 1 << 20  # 1 MiB: GSM8K rows are under 2 KB, the seed contract's question at most 20,000 characters
+
+
+class EmptyInput(ValueError):
+    """The input has no rows at all; the message names it."""
+
+
 class _Bad(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -51,32 +66,91 @@ def raw_records(cfg: SeedsConfig, data: bytes | None = None) -> Iterator[tuple[i
         for i, row in enumerate(arithmetic_problems(cfg.builtin.count, seed=cfg.builtin.seed, kind=cfg.builtin.kind)):
             yield i, row, json.dumps(row)
         return
-    yield from file_records(cfg.path, cfg.format, read_bytes(cfg.path) if data is None else data)
+    yield from file_records(cfg.path, cfg.format, read_bytes(cfg.path) if data is None else data, cfg.max_row_bytes)
 
 
-def file_records(path: str, fmt: str, data: bytes) -> Iterator[tuple[int, Any, str]]:
-    """Rows of a JSONL or Parquet file's bytes; a line that is not UTF-8 or not JSON is a ``_Bad``."""
+def file_records(path: str, fmt: str, data: bytes, max_row_bytes: int | None = DEFAULT_MAX_ROW_BYTES) -> Iterator[tuple[int, Any, str]]:
+    """Rows of a JSONL or Parquet file's bytes; a line that is not UTF-8 or not JSON, or a row over
+    ``max_row_bytes``, is a ``_Bad``. Raises :class:`EmptyInput` if the file has no rows."""
     if fmt == "auto":
         fmt = "parquet" if path.endswith((".parquet", ".pq")) else "jsonl"
+    n = 0
     if fmt == "parquet":
         for i, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist()):
-            yield i, row, json.dumps(row, default=str)
+            n += 1
+            raw = json.dumps(row, default=str)
+            if max_row_bytes is not None and len(raw.encode()) > max_row_bytes:
+                yield i, _Bad("too_large", f"row {i + 1}: {len(raw.encode()):,} bytes as JSON, more than max_row_bytes ({max_row_bytes:,})"), raw
+                continue
+            yield i, row, raw
+    else:
+        for i, line in enumerate(data.split(b"\n")):
+            if not line.strip():
+                continue  # blank lines (and the final newline) are layout, not rows
+            n += 1
+            yield parse_jsonl_line(i, line, max_row_bytes)
+    if n == 0:
+        raise EmptyInput(f"{path}: {_why_empty(data, fmt)}")
+
+
+def _why_empty(data: bytes, fmt: str) -> str:
+    if not data:
+        return "the input is empty (0 bytes): no rows to read"
+    if fmt == "parquet":
+        return "the Parquet file has no rows"
+    return "the input has only blank lines: no rows to read"
+
+
+def parse_jsonl_line(i: int, line: bytes, max_row_bytes: int | None = DEFAULT_MAX_ROW_BYTES) -> tuple[int, Any, str]:
+    """One JSONL line (number ``i`` from 0, without its newline) -> ``(i, value or _Bad, raw text)``.
+
+    A line over ``max_row_bytes`` is ``too_large`` and is not parsed (a 5 GB line costs no JSON
+    objects); its raw text is still kept whole for the rejects."""
+    if max_row_bytes is not None and len(line) > max_row_bytes:
+        return i, _Bad("too_large", f"line {i + 1}: {len(line):,} bytes, more than max_row_bytes ({max_row_bytes:,})"), line.decode("utf-8", "replace")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return i, _Bad("invalid_utf8", f"line {i + 1}: not UTF-8 ({err.reason} at byte {err.start})"), line.decode("utf-8", "replace")
+    try:
+        return i, json.loads(text), text
+    except json.JSONDecodeError as err:
+        return i, _Bad("invalid_json", f"line {i + 1}: {err.msg} at column {err.colno}"), text
+
+
+def preflight_input(uri: str) -> None:
+    """Fail fast, before any flow starts: the input file must exist and hold something.
+
+    A local file: it exists, is a file, and is not empty (or only blank lines, for small
+    files). An ``s3://`` object: it exists (one HEAD request, which also checks the endpoint
+    and the credentials) and is not 0 bytes. Raises :class:`~distillery.uri_io.StorageError`
+    or :class:`EmptyInput`. A published version (``STORE/NAME/vNNNN``) is checked by reading it."""
+    from distillery.store import parse_version_uri
+    from distillery.uri_io import StorageError, check_uri, is_s3, s3_client, s3_error, split_s3
+
+    check_uri(uri)
+    if parse_version_uri(uri) is not None:
         return
-    for i, line in enumerate(data.split(b"\n")):
-        if not line.strip():
-            continue  # blank lines (and the final newline) are layout, not rows
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield i, _Bad("invalid_utf8", f"line {i + 1}: not UTF-8 ({err.reason} at byte {err.start})"), line.decode("utf-8", "replace")
-            continue
-        try:
-            yield i, json.loads(text), text
-        except json.JSONDecodeError as err:
-            yield i, _Bad("invalid_json", f"line {i + 1}: {err.msg} at column {err.colno}"), text
+            size = s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"]
+        except Exception as err:
+            raise s3_error(uri, err) from err
+        if size == 0:
+            raise EmptyInput(f"{uri}: {_why_empty(b'', 'jsonl')}")
+        return
+    path = Path(uri).expanduser()
+    if not path.exists():
+        raise StorageError(f"{uri}: no such file")
+    if not path.is_file():
+        raise StorageError(f"{uri}: is a folder, expected a file")
+    size = path.stat().st_size
+    if size == 0 or (size < 1 << 16 and path.suffix.lower() not in (".parquet", ".pq") and not path.read_bytes().strip()):
+        raise EmptyInput(f"{uri}: {_why_empty(b'' if size == 0 else b' ', 'jsonl')}")
 
 
-def ingest_rows(uri: str, *, text_column: str, id_column: str | None = None, fmt: str = "auto") -> StageResult:
+def ingest_rows(uri: str, *, text_column: str, id_column: str | None = None, fmt: str = "auto", max_row_bytes: int | None = DEFAULT_MAX_ROW_BYTES) -> StageResult:
     """Ingest an existing data set for curation: any columns, but ``text_column`` must be a string.
 
     ``uri`` is a JSONL/Parquet file (local or s3://) or a published version ``STORE/NAME/vNNNN``.
@@ -94,7 +168,7 @@ def ingest_rows(uri: str, *, text_column: str, id_column: str | None = None, fmt
         parent = {"uri": store.uri(f"{name}/{version}"), "rows": table.height, "sha256": hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()}
     else:
         data = read_bytes(uri)
-        records = file_records(uri, fmt, data)
+        records = file_records(uri, fmt, data, max_row_bytes)
         parent = {"uri": uri, "rows": None, "sha256": hashlib.sha256(data).hexdigest()}
     rows, rejects, seen = [], [], set()
     n_in = 0
