@@ -23,12 +23,14 @@ _PY_TYPES: dict[str, tuple[type, ...]] = {
     "integer": (int,),
     "number": (int, float),
     "boolean": (bool,),
+    "array": (list,),
 }
 _POLARS_TYPES: dict[str, tuple[type[pl.DataType], ...]] = {
     "string": (pl.Utf8,),
     "integer": (pl.Int64, pl.Int8, pl.Int16, pl.Int32, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64),
     "number": (pl.Float64, pl.Float32, pl.Int32, pl.Int64),
     "boolean": (pl.Boolean,),
+    "array": (pl.List,),
 }
 
 

@@ -25,12 +25,14 @@ from distillery.engine import EnginePool, start_ray
 from distillery.generation_cache import CachedGenerator
 from distillery.lineage import LineageRecorder
 from distillery.model_setup import model_identity, resolve_model_path
+from distillery.stages.evolve import load_template
 from distillery.stages.publish import Published
 from distillery.stages.select import pass_rates
 from distillery.store import Store
 from schemas.recipe import Recipe
 from distillery.stages.dedup import signature_params
 from flows.curate import collapse_statistics, curation_metadata, curation_stages
+from tasks.evolve import evolve_shard
 from tasks.ingest import ingest
 from tasks.publish import publish
 from tasks.score import score
@@ -132,11 +134,33 @@ def _sample_in_rounds(pool: EnginePool, recipe: Recipe, seeds: pl.DataFrame, lin
     return synth, checked
 
 
+EVOL_COLUMNS = ["seed_id", "parent_id", "root_id", "evol_round", "evol_operation", "evol_template", "evol_chain"]
+
+
+def _evolve(generator, recipe: Recipe, seeds: pl.DataFrame) -> list[StageResult]:
+    """Evol-Instruct: ``evolve.rounds`` rounds of rewrites on the generation engines, each round's
+    surviving instructions the next round's parents; one stage (``evolve-<round>``) per round."""
+    logger = get_run_logger()
+    rounds, current, size = [], seeds, recipe.generation.shard_size
+    for round_no in range(1, recipe.evolve.rounds + 1):
+        if current.height == 0:
+            rounds.append(StageResult.empty(f"evolve-{round_no}"))
+            continue
+        shards = [current.slice(start, size) for start in range(0, current.height, size)]
+        futures = [evolve_shard.submit(generator, i, shard, round_no, recipe.evolve, recipe.generation.seed) for i, shard in enumerate(shards)]
+        result = StageResult.combine([f.result() for f in futures])
+        logger.info("evolve round %d: %d instructions -> %d kept, eliminated %s", round_no, current.height, result.kept.height, result.count.dropped or "none")
+        rounds.append(result)
+        current = result.kept
+    return rounds
+
+
 def _generate_verify_and_judge(
     recipe: Recipe, seeds: pl.DataFrame, model_dir, lineage: dict, store: Store, model_sha256: str | None
-) -> tuple[StageResult, StageResult, StageResult | None, float]:
-    """Sample (in rounds), verify, and judge while the vLLM actors are up. The actors start once,
-    on the first request the generation cache cannot answer (never, if it answers all)."""
+) -> tuple[list[StageResult], StageResult, StageResult, StageResult | None, float]:
+    """Evolve the instructions (if the recipe says so), sample (in rounds), verify, and judge while
+    the vLLM actors are up. The actors start once, on the first request the generation cache
+    cannot answer (never, if it answers all)."""
     logger = get_run_logger()
     start_ray()
     pool = EnginePool(str(model_dir), recipe.engine, seed=recipe.generation.seed)
@@ -144,9 +168,18 @@ def _generate_verify_and_judge(
     if recipe.generation.cache and model_sha256:
         generator = CachedGenerator(pool, store, str(model_dir), {"sha256": model_sha256, "dtype": recipe.engine.dtype})
     try:
+        evolved = _evolve(generator, recipe, seeds) if recipe.evolve.rounds else []
+        problems = evolved[-1].kept if evolved else seeds
+        budget = recipe.generation.adaptive.max_samples if recipe.generation.adaptive else recipe.generation.samples_per_problem
         started = time.perf_counter()
-        synth, checked = _sample_in_rounds(generator, recipe, seeds, lineage)
-        seconds = time.perf_counter() - started - (pool.started_in or 0.0)
+        started_before = pool.started_in or 0.0  # engine start-up time spent while evolving
+        if problems.height:
+            synth, checked = _sample_in_rounds(generator, recipe, problems, lineage)
+        else:  # every evolution was eliminated: nothing to sample
+            synth, checked = StageResult.empty("synthesize", budget), StageResult.empty("verify")
+        seconds = time.perf_counter() - started - ((pool.started_in or 0.0) - started_before)
+        if evolved and checked.kept.height:  # every sample carries its instruction's evolution chain
+            checked.kept = checked.kept.join(problems.select(EVOL_COLUMNS), on="seed_id", how="left")
         judged = score(checked.kept, recipe.score, recipe.engine, generator, seed=recipe.generation.seed) if recipe.score.method == "judge" else None
     finally:
         pool.shutdown()
@@ -156,7 +189,28 @@ def _generate_verify_and_judge(
     if isinstance(generator, CachedGenerator):
         synth.meta["generation_cache"] = {"hits": generator.hits, "misses": generator.misses}
         logger.info("generation cache: %d requests answered from the store, %d generated", generator.hits, generator.misses)
-    return synth, checked, judged, seconds
+    return evolved, synth, checked, judged, seconds
+
+
+def _evolve_lineage(recipe: Recipe) -> dict:
+    """The evolve settings and each operation's prompt template, by name and version."""
+    templates = {op: load_template("evol_instruct", op).id for op in recipe.evolve.operations}
+    return {**recipe.evolve.model_dump(mode="json"), "prompt_templates": templates}
+
+
+def _evolve_stats(evolved: list[StageResult]) -> dict:
+    """Per round: instructions in, kept, eliminated by reason, and the operations that survived."""
+    rounds = {}
+    for round_no, result in enumerate(evolved, start=1):
+        kept = result.kept
+        operations = Counter(kept["evol_operation"].to_list()) if kept.height else Counter()
+        rounds[str(round_no)] = {
+            "instructions": result.count.rows_in,
+            "kept": result.count.rows_out,
+            "eliminated": dict(sorted(result.count.dropped.items())),
+            "kept_by_operation": dict(sorted(operations.items())),
+        }
+    return {"rounds": rounds}
 
 
 def _spent_stats(spent: dict[str, int], rounds: int, budget: int) -> dict:
@@ -194,14 +248,18 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
 
     gen = recipe.generation
     budget = gen.adaptive.max_samples if gen.adaptive else gen.samples_per_problem
-    judged = None
+    judged, evolved = None, []
     if seeds.kept.height == 0:  # nothing valid to generate from: publish an empty, fully accounted version
         synth, checked, gen_seconds = StageResult.empty("synthesize", budget), StageResult.empty("verify"), 0.0
     else:
-        synth, checked, judged, gen_seconds = _generate_verify_and_judge(recipe, seeds.kept, model_dir, lineage, Store(store), identity.get("sha256"))
+        evolved, synth, checked, judged, gen_seconds = _generate_verify_and_judge(
+            recipe, seeds.kept, model_dir, lineage, Store(store), identity.get("sha256")
+        )
     stats = _stats(synth.kept, checked.kept, gen_seconds)
     if "generation_cache" in synth.meta:
         stats["generation_cache"] = synth.meta["generation_cache"]
+    if evolved:
+        stats["evolve"] = _evolve_stats(evolved)
     if "engine_failures" in synth.meta:
         stats["engine_failures"] = synth.meta["engine_failures"]
     if "samples_spent" in synth.meta:
@@ -229,8 +287,8 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     after = [*scored, *curated, *([selected] if selecting else [])]
 
     store_ = Store(store)
-    stages = [seeds.count, synth.count, checked.count, *[r.count for r in after]]
-    rejects = pl.concat([seeds.rejects, synth.rejects, checked.rejects, *[r.rejects for r in after]], how="diagonal_relaxed")
+    stages = [seeds.count, *[e.count for e in evolved], synth.count, checked.count, *[r.count for r in after]]
+    rejects = pl.concat([seeds.rejects, *[e.rejects for e in evolved], synth.rejects, checked.rejects, *[r.rejects for r in after]], how="diagonal_relaxed")
     rows = selected.kept.sort(["seed_id", "sample_index"]) if selected.kept.height else load_contract("samples").empty_frame()
     stats["collapse"] = collapse_statistics(rows["completion"].to_list(), seeds.kept["question"].to_list(), recipe.collapse)
     stats.update(curation_metadata(curated))
@@ -251,6 +309,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
             "engine_version": _vllm_version(),
             "engine_settings": recipe.engine.model_dump(mode="json"),
             "sampling": gen.model_dump(mode="json"),
+            **({"evolve": _evolve_lineage(recipe)} if recipe.evolve.rounds else {}),
         },
         "scorer": {"method": method, **({"reward_model": recipe.score.reward_model} if method == "reward_model" else {})},
         "selection": {**recipe.select.model_dump(mode="json", exclude={"pairs"}), "label": label},

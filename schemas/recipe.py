@@ -100,6 +100,25 @@ class AdaptiveConfig(_Strict):
     max_samples: int = Field(16, ge=1)  # the budget: samples drawn for one problem at most
 
 
+EvolveOperation = Literal["add_constraints", "deepen", "concretize", "more_reasoning", "breadth"]
+
+
+class EvolveConfig(_Strict):
+    """Evol-Instruct before sampling (``distillery/stages/evolve.py``): each round rewrites every
+    surviving instruction once, by one operation picked per instruction; failed rewrites are
+    eliminated with a reason. The last round's instructions are what gets sampled. 0 rounds: off."""
+
+    rounds: int = Field(0, ge=0, le=8)
+    operations: list[EvolveOperation] = Field(
+        default_factory=lambda: ["add_constraints", "deepen", "concretize", "more_reasoning", "breadth"], min_length=1
+    )
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(192, ge=1)  # the rewrite's length in tokens
+    max_chars: int = Field(1500, ge=20)  # a longer rewrite is eliminated (too_long)
+    max_similarity: float = Field(0.9, gt=0, le=1)  # as similar to its parent or more: no_change
+
+
 class GenerationConfig(_Strict):
     samples_per_problem: int = Field(4, ge=1, le=1024)
     temperature: float = Field(0.8, ge=0)
@@ -327,6 +346,7 @@ class Recipe(_RecipeBase):
     seeds: SeedsConfig
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
+    evolve: EvolveConfig = EvolveConfig()
     generation: GenerationConfig = GenerationConfig()
     verify: VerifyConfig = VerifyConfig()
     score: ScoreConfig = ScoreConfig()

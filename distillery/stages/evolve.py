@@ -17,7 +17,8 @@ rejects with the reason:
 The templates are Jinja2 files in ``distillery/prompts/evol_instruct/``; each has a version (the
 sha256 of its full text, parents included) that goes into every row's chain and into lineage.
 
-Not wired into a flow yet: the synthesis-strategies issue builds the recipe and flow on this.
+The flow (``flows/synthesize.py``) runs ``evolve.rounds`` rounds on the generation engines
+before sampling, one stage ``evolve-<round>`` per round in the manifest.
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def evolve_round(
     frame = pl.DataFrame(rows, schema_overrides={"reference_answer": pl.Utf8, "source": pl.Utf8, "evol_round": pl.Int64})
     failed = pl.Series([r is not None for r in reasons])
     dropped = [(r, d) for r, d in zip(reasons, details, strict=True) if r is not None]
-    rejects = rows_to_rejects("evolve", frame.filter(failed), [r for r, _ in dropped], [d for _, d in dropped])
+    stage = f"evolve-{round_no}"  # one stage per round in the manifest
+    rejects = rows_to_rejects(stage, frame.filter(failed), [r for r, _ in dropped], [d for _, d in dropped])
     kept = frame.filter(~failed)
-    count = StageCount("evolve", parents.height, kept.height, 1, dict(Counter(r for r, _ in dropped))).check()
-    return StageResult("evolve", kept, rejects, count)
+    count = StageCount(stage, parents.height, kept.height, 1, dict(Counter(r for r, _ in dropped))).check()
+    return StageResult(stage, kept, rejects, count)

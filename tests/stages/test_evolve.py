@@ -86,7 +86,7 @@ def test_a_round_keeps_good_evolutions_with_their_chain_and_rejects_the_planted_
     ]
     out = evolve_round(SEEDS, requests, results, round_no=1, max_chars=400)
     assert out.count.as_dict() == {
-        "stage": "evolve",
+        "stage": "evolve-1",
         "rows_in": 7,
         "rows_out": 2,
         "fanout": 1,
