@@ -25,7 +25,7 @@ from distillery.engine import EnginePool, start_ray
 from distillery.generation_cache import CachedGenerator
 from distillery.lineage import LineageRecorder
 from distillery.model_setup import model_identity, resolve_model_path
-from distillery.stages.evolve import load_template
+from distillery.prompts import load_template
 from distillery.stages.publish import Published
 from distillery.stages.select import pass_rates
 from distillery.store import Store
@@ -33,6 +33,7 @@ from schemas.recipe import Recipe
 from distillery.stages.dedup import signature_params
 from flows.curate import collapse_statistics, curation_metadata, curation_stages
 from tasks.evolve import evolve_shard
+from tasks.self_instruct import ensemble_agreement, self_instruct
 from tasks.ingest import ingest
 from tasks.publish import publish
 from tasks.score import score
@@ -134,7 +135,23 @@ def _sample_in_rounds(pool: EnginePool, recipe: Recipe, seeds: pl.DataFrame, lin
     return synth, checked
 
 
-EVOL_COLUMNS = ["seed_id", "parent_id", "root_id", "evol_round", "evol_operation", "evol_template", "evol_chain"]
+def _new_instructions(generator, recipe: Recipe, seeds: pl.DataFrame) -> list[StageResult]:
+    """The recipe's synthesis strategy, before sampling: Evol-Instruct rounds, or Self-Instruct
+    (plus Ensemble-Instruct's agreement); none: the seeds are the problems (no stages)."""
+    if recipe.evolve.rounds:
+        return _evolve(generator, recipe, seeds)
+    cfg = recipe.self_instruct
+    if not cfg.per_seed:
+        return []
+    logger = get_run_logger()
+    size = recipe.generation.shard_size * cfg.per_seed
+    made = self_instruct(generator, seeds, cfg, recipe.generation.seed, size)
+    logger.info("self-instruct: %d seeds -> %d new tasks kept, dropped %s", seeds.height, made.kept.height, made.count.dropped or "none")
+    if not cfg.members:
+        return [made]
+    agreed = ensemble_agreement(generator, made.kept, cfg, recipe.generation.seed, size) if made.kept.height else StageResult.empty("agreement")
+    logger.info("agreement: %d of %d new tasks kept, dropped %s", agreed.count.rows_out, agreed.count.rows_in, agreed.count.dropped or "none")
+    return [made, agreed]
 
 
 def _evolve(generator, recipe: Recipe, seeds: pl.DataFrame) -> list[StageResult]:
@@ -168,7 +185,7 @@ def _generate_verify_and_judge(
     if recipe.generation.cache and model_sha256:
         generator = CachedGenerator(pool, store, str(model_dir), {"sha256": model_sha256, "dtype": recipe.engine.dtype})
     try:
-        evolved = _evolve(generator, recipe, seeds) if recipe.evolve.rounds else []
+        evolved = _new_instructions(generator, recipe, seeds)
         problems = evolved[-1].kept if evolved else seeds
         budget = recipe.generation.adaptive.max_samples if recipe.generation.adaptive else recipe.generation.samples_per_problem
         started = time.perf_counter()
@@ -178,8 +195,9 @@ def _generate_verify_and_judge(
         else:  # every evolution was eliminated: nothing to sample
             synth, checked = StageResult.empty("synthesize", budget), StageResult.empty("verify")
         seconds = time.perf_counter() - started - ((pool.started_in or 0.0) - started_before)
-        if evolved and checked.kept.height:  # every sample carries its instruction's evolution chain
-            checked.kept = checked.kept.join(problems.select(EVOL_COLUMNS), on="seed_id", how="left")
+        if evolved and checked.kept.height:  # every sample carries its instruction's lineage (chain, parent, template)
+            extra = [c for c in problems.columns if c == "seed_id" or c not in checked.kept.columns]
+            checked.kept = checked.kept.join(problems.select(extra), on="seed_id", how="left")
         judged = score(checked.kept, recipe.score, recipe.engine, generator, seed=recipe.generation.seed) if recipe.score.method == "judge" else None
     finally:
         pool.shutdown()
@@ -196,6 +214,13 @@ def _evolve_lineage(recipe: Recipe) -> dict:
     """The evolve settings and each operation's prompt template, by name and version."""
     templates = {op: load_template("evol_instruct", op).id for op in recipe.evolve.operations}
     return {**recipe.evolve.model_dump(mode="json"), "prompt_templates": templates}
+
+
+def _self_instruct_lineage(recipe: Recipe) -> dict:
+    """The Self-Instruct settings and its prompt templates, by name and version."""
+    names = ["new_task", *(["solve"] if recipe.self_instruct.members else [])]
+    templates = {n: load_template("self_instruct", n).id for n in names}
+    return {**recipe.self_instruct.model_dump(mode="json"), "prompt_templates": templates}
 
 
 def _evolve_stats(evolved: list[StageResult]) -> dict:
@@ -258,7 +283,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     stats = _stats(synth.kept, checked.kept, gen_seconds)
     if "generation_cache" in synth.meta:
         stats["generation_cache"] = synth.meta["generation_cache"]
-    if evolved:
+    if evolved and recipe.evolve.rounds:
         stats["evolve"] = _evolve_stats(evolved)
     if "engine_failures" in synth.meta:
         stats["engine_failures"] = synth.meta["engine_failures"]
@@ -310,6 +335,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
             "engine_settings": recipe.engine.model_dump(mode="json"),
             "sampling": gen.model_dump(mode="json"),
             **({"evolve": _evolve_lineage(recipe)} if recipe.evolve.rounds else {}),
+            **({"self_instruct": _self_instruct_lineage(recipe)} if recipe.self_instruct.per_seed else {}),
         },
         "scorer": {"method": method, **({"reward_model": recipe.score.reward_model} if method == "reward_model" else {})},
         "selection": {**recipe.select.model_dump(mode="json", exclude={"pairs"}), "label": label},

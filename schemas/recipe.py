@@ -119,6 +119,39 @@ class EvolveConfig(_Strict):
     max_similarity: float = Field(0.9, gt=0, le=1)  # as similar to its parent or more: no_change
 
 
+class SamplingMember(_Strict):
+    """One member of an ensemble: a sampling configuration of the generation model."""
+
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class SelfInstructConfig(_Strict):
+    """Self-Instruct before sampling (``distillery/stages/self_instruct.py``): new tasks from the
+    seed pool, dropped when too similar to it (ROUGE-L); with ``members``, Ensemble-Instruct's
+    agreement: each member solves each new task, and a task is kept when ``min_agreement`` agree.
+    ``per_seed: 0``: off."""
+
+    per_seed: int = Field(0, ge=0, le=64)  # new tasks asked for per seed
+    examples: int = Field(3, ge=1, le=16)  # pool tasks shown in each request (the seed first)
+    temperature: float = Field(0.9, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(128, ge=1)
+    min_chars: int = Field(20, ge=1)
+    max_chars: int = Field(1000, ge=20)
+    max_similarity: float = Field(0.7, gt=0, le=1)  # ROUGE-L F1 against the pool and earlier new tasks
+    members: list[SamplingMember] = Field(default_factory=list)
+    min_agreement: int = Field(2, ge=1)
+    solve_max_tokens: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _agreement_reachable(self) -> SelfInstructConfig:
+        if self.members and self.min_agreement > len(self.members):
+            msg = f"min_agreement ({self.min_agreement}) is more than the {len(self.members)} members"
+            raise ValueError(msg)
+        return self
+
+
 class GenerationConfig(_Strict):
     samples_per_problem: int = Field(4, ge=1, le=1024)
     temperature: float = Field(0.8, ge=0)
@@ -347,6 +380,7 @@ class Recipe(_RecipeBase):
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
     evolve: EvolveConfig = EvolveConfig()
+    self_instruct: SelfInstructConfig = SelfInstructConfig()
     generation: GenerationConfig = GenerationConfig()
     verify: VerifyConfig = VerifyConfig()
     score: ScoreConfig = ScoreConfig()
@@ -356,6 +390,13 @@ class Recipe(_RecipeBase):
     collapse: CollapseConfig = CollapseConfig()
     select: SelectConfig = SelectConfig()
     publish: PublishConfig = PublishConfig()
+
+    @model_validator(mode="after")
+    def _one_strategy(self) -> Recipe:
+        if self.evolve.rounds and self.self_instruct.per_seed:
+            msg = "evolve.rounds and self_instruct.per_seed are both set: a recipe uses one synthesis strategy"
+            raise ValueError(msg)
+        return self
 
     @model_validator(mode="after")
     def _adaptive_budget(self) -> Recipe:

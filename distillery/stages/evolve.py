@@ -27,57 +27,19 @@ import difflib
 import hashlib
 import re
 from collections import Counter
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
-import jinja2
 import polars as pl
 
 from distillery.accounting import StageCount, StageResult, rows_to_rejects
+from distillery.prompts import load_template
 
-PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
 DEPTH = ("add_constraints", "deepen", "concretize", "more_reasoning")
 OPERATIONS = (*DEPTH, "breadth")
 # Words of the templates themselves: a rewrite that contains them copied its instructions.
 _COPIED = ("given prompt", "rewritten prompt", "created prompt", "#the given", "#rewritten", "#created")
 _REFUSAL = re.compile(r"^\s*(i'?m sorry|sorry|i cannot|i can'?t|as an ai\b|i am unable|i'?m unable)", re.IGNORECASE)
 _LABEL = re.compile(r"^\s*(#*\s*(rewritten|created|new)\s+prompt\s*#*\s*:?)\s*", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    """One versioned Jinja2 prompt template: ``id`` is ``strategy/name@version``."""
-
-    strategy: str
-    name: str
-    template: jinja2.Template
-    version: str
-
-    @property
-    def id(self) -> str:
-        return f"{self.strategy}/{self.name}@{self.version}"
-
-    def render(self, **values: Any) -> str:
-        return self.template.render(**values)
-
-
-@lru_cache(maxsize=64)
-def load_template(strategy: str, name: str) -> PromptTemplate:
-    """``distillery/prompts/<strategy>/<name>.j2``; the version hashes the template's whole text
-    (what it extends included), so an edit anywhere in it is a new version."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(PROMPTS / strategy), undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True
-    )
-    try:
-        template = env.get_template(f"{name}.j2")
-    except jinja2.TemplateNotFound as err:
-        known = sorted(p.stem for p in (PROMPTS / strategy).glob("*.j2"))
-        msg = f"no prompt template {strategy}/{name}.j2 (known: {', '.join(known) or 'none'})"
-        raise ValueError(msg) from err
-    skeleton = template.render(question="\x00question\x00")  # the full text with a placeholder
-    return PromptTemplate(strategy, name, template, hashlib.sha256(skeleton.encode()).hexdigest()[:12])
 
 
 def pick_operation(run_seed: int, seed_id: str, round_no: int, operations: tuple[str, ...] = OPERATIONS) -> str:

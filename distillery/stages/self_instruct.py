@@ -1,0 +1,198 @@
+"""Self-Instruct (Wang et al. 2023) and Ensemble-Instruct (Lee et al. 2023): new tasks from a
+small seed pool, kept only if they are new enough, and (optionally) only if several sampling
+configurations agree on their answer.
+
+Two steps, plain functions around whatever generates text:
+
+1. ``self-instruct``: each seed asks for ``per_seed`` new tasks; each request shows the model
+   ``examples`` tasks of the pool (that seed first, the others drawn by a seeded hash) through the
+   versioned template ``self_instruct/new_task.j2``. A new task is dropped with its reason:
+   ``generation_error``, ``empty``, ``too_short``, ``too_long``, or ``too_similar`` (ROUGE-L F1,
+   Google's ``rouge-score``, of ``max_similarity`` or more against a pool task or a new task
+   kept before it; Self-Instruct used 0.7). Rows: ``seed_id`` ``<seed>.si<k>``, ``parent_id`` the
+   seed, ``si_examples`` (the pool tasks shown), ``si_template``, ``nearest_id`` and ``rouge_l``.
+2. ``agreement`` (Ensemble-Instruct's consensus, with ``members`` sampling configurations): each
+   member solves each new task (``self_instruct/solve.j2``); a task is kept only if at least
+   ``min_agreement`` members' final answers are equal (math-verify), and that answer becomes its
+   ``reference_answer`` (and ``member_agreement`` the share that agreed), so verify can check the samples later. Dropped: ``no_answer`` (no member
+   gave one), ``no_agreement``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from functools import lru_cache
+from typing import Any
+
+import polars as pl
+
+from distillery.accounting import StageCount, StageResult, rows_to_rejects
+from distillery.prompts import load_template
+from distillery.stages.verify import answers_match, extract_answer, normalize_answer
+
+NEW_TASK = ("self_instruct", "new_task")
+SOLVE = ("self_instruct", "solve")
+_LABELS = ("problem", "task", "question", "new problem")
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+@lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(a: str, b: str) -> float:
+    """ROUGE-L F1 of two texts (rouge-score's tokenizer: lower-cased words)."""
+    return _scorer().score(a, b)["rougeL"].fmeasure
+
+
+def task_requests(pool: pl.DataFrame, *, per_seed: int, examples: int, run_seed: int) -> list[dict[str, Any]]:
+    """``per_seed`` requests per pool row, in pool order; each shows ``examples`` pool tasks:
+    the row's own first, then others picked by a seeded hash (the same on a rerun)."""
+    template = load_template(*NEW_TASK)
+    ids, texts = pool["seed_id"].to_list(), pool["question"].to_list()
+    requests = []
+    for i, seed_id in enumerate(ids):
+        for k in range(per_seed):
+            others = sorted((j for j in range(len(ids)) if j != i), key=lambda j: _seed(run_seed, seed_id, k, ids[j]))
+            shown = [i, *others[: max(0, examples - 1)]]
+            requests.append(
+                {
+                    "seed_id": seed_id,
+                    "task_index": k,
+                    "examples": [ids[j] for j in shown],
+                    "template": template.id,
+                    "messages": [{"role": "user", "content": template.render(tasks=[texts[j] for j in shown])}],
+                    "sampling_seed": _seed(run_seed, seed_id, "self-instruct", k),
+                }
+            )
+    return requests
+
+
+def parse_task(text: str | None) -> str:
+    """The new task: the first paragraph, without a leading "Problem 4:" label."""
+    text = (text or "").strip()
+    head, sep, rest = text.partition(":")
+    if sep and head.strip().lower().rstrip("0123456789 ").strip() in _LABELS:
+        text = rest.strip()
+    return text.split("\n\n", 1)[0].strip()
+
+
+def new_tasks(
+    pool: pl.DataFrame,
+    requests: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    *,
+    per_seed: int,
+    min_chars: int = 20,
+    max_chars: int = 1000,
+    max_similarity: float = 0.7,
+) -> StageResult:
+    """Stage ``self-instruct``: the pool fans out ``per_seed`` requests per row; each new task is
+    kept or dropped with its reason, in request order (so "kept before it" is well defined)."""
+    if len(requests) != len(results) or len(requests) != pool.height * per_seed:
+        msg = f"self-instruct: {pool.height} seeds x {per_seed}, {len(requests)} requests, {len(results)} results"
+        raise RuntimeError(msg)
+    compared = list(zip(pool["seed_id"].to_list(), pool["question"].to_list(), strict=True))  # the pool, then kept tasks
+    rows, reasons, details = [], [], []
+    for request, result in zip(requests, results, strict=True):
+        task = parse_task(result.get("completion"))
+        nearest, score = max(((sid, rouge_l(text, task)) for sid, text in compared), key=lambda p: p[1], default=(None, 0.0)) if task else (None, 0.0)
+        if result.get("error"):
+            reason = "generation_error"
+        elif not task:
+            reason = "empty"
+        elif len(task) < min_chars:
+            reason = "too_short"
+        elif len(task) > max_chars:
+            reason = "too_long"
+        elif score >= max_similarity:
+            reason = "too_similar"
+        else:
+            reason = None
+        row_id = f"{request['seed_id']}.si{request['task_index']}"
+        rows.append(
+            {
+                "seed_id": row_id,
+                "question": task,
+                "reference_answer": None,
+                "source": "self-instruct",  # a new task: the model wrote it
+                "parent_id": request["seed_id"],
+                "si_examples": request["examples"],
+                "si_template": request["template"],
+                "nearest_id": nearest,
+                "rouge_l": round(score, 4),
+            }
+        )
+        reasons.append(reason)
+        details.append(result.get("error") or (f"ROUGE-L {score:.2f} with {nearest}" if reason == "too_similar" else None))
+        if reason is None:
+            compared.append((row_id, task))
+    frame = pl.DataFrame(rows, schema_overrides={"reference_answer": pl.Utf8, "nearest_id": pl.Utf8, "rouge_l": pl.Float64})
+    return _split("self-instruct", frame, reasons, details, rows_in=pool.height, fanout=per_seed)
+
+
+def solve_requests(tasks: pl.DataFrame, members: list[dict[str, float]], *, run_seed: int) -> list[list[dict[str, Any]]]:
+    """Per member, one request per task (the member's sampling settings go with its batch)."""
+    template = load_template(*SOLVE)
+    return [
+        [
+            {
+                "seed_id": row["seed_id"],
+                "template": template.id,
+                "messages": [{"role": "user", "content": template.render(question=row["question"])}],
+                "sampling_seed": _seed(run_seed, row["seed_id"], "agreement", m),
+            }
+            for row in tasks.iter_rows(named=True)
+        ]
+        for m in range(len(members))
+    ]
+
+
+def consensus(answers: list[str | None]) -> tuple[str | None, int]:
+    """The answer most members gave (math-verify equivalence) and how many gave it."""
+    groups: list[list[str]] = []
+    for answer in (a for a in answers if a):
+        for group in groups:
+            if answers_match(answer, group[0]):
+                group.append(answer)
+                break
+        else:
+            groups.append([answer])
+    if not groups:
+        return None, 0
+    best = max(groups, key=len)  # ties: the first answer given
+    return best[0], len(best)
+
+
+def agreement(tasks: pl.DataFrame, results_by_member: list[list[dict[str, Any]]], *, min_agreement: int) -> StageResult:
+    """Stage ``agreement``: keep a task when ``min_agreement`` members agree on its answer."""
+    members = len(results_by_member)
+    rows, reasons, details = [], [], []
+    for i, row in enumerate(tasks.iter_rows(named=True)):
+        answers = []
+        for results in results_by_member:
+            extracted = extract_answer(results[i].get("completion") or "").text
+            answers.append(normalize_answer(extracted) if extracted else None)
+        answer, votes = consensus(answers)
+        reason = "no_answer" if answer is None else ("no_agreement" if votes < min_agreement else None)
+        rows.append({**row, "reference_answer": answer, "member_answers": answers, "member_agreement": round(votes / members, 4)})
+        reasons.append(reason)
+        details.append(f"{votes} of {members} members agree on {answer!r}; answers {answers}" if reason else None)
+    frame = pl.DataFrame(rows, schema_overrides={"reference_answer": pl.Utf8, "member_answers": pl.List(pl.Utf8), "member_agreement": pl.Float64})
+    return _split("agreement", frame, reasons, details, rows_in=tasks.height, fanout=1)
+
+
+def _split(stage: str, frame: pl.DataFrame, reasons: list[str | None], details: list[str | None], *, rows_in: int, fanout: int) -> StageResult:
+    failed = pl.Series([r is not None for r in reasons], dtype=pl.Boolean)
+    dropped = [(r, d) for r, d in zip(reasons, details, strict=True) if r is not None]
+    rejects = rows_to_rejects(stage, frame.filter(failed), [r for r, _ in dropped], [d for _, d in dropped])
+    kept = frame.filter(~failed) if frame.height else frame
+    count = StageCount(stage, rows_in, kept.height, fanout, dict(Counter(r for r, _ in dropped))).check()
+    return StageResult(stage, kept, rejects, count)
