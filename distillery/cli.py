@@ -62,7 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         resolve_model_path(recipe.model.path)  # fail in a second, not after Prefect and Ray start
     except ModelNotFound as err:
         return _fail(f"model.path: {err}", 1)
-    failed = preflight(args.store, [recipe.seeds.path] if recipe.seeds.path else [])
+    inputs = [recipe.seeds.path] if recipe.seeds and recipe.seeds.path else [recipe.glan.taxonomy] if recipe.glan.taxonomy else []
+    failed = preflight(args.store, inputs)
     if failed is not None:
         return failed
     from flows.synthesize import synthesize

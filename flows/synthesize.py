@@ -26,6 +26,7 @@ from distillery.generation_cache import CachedGenerator
 from distillery.lineage import LineageRecorder
 from distillery.model_setup import model_identity, resolve_model_path
 from distillery.prompts import load_template
+from distillery.stages.glan import coverage, ingest_taxonomy
 from distillery.stages.publish import Published
 from distillery.stages.select import pass_rates
 from distillery.store import Store
@@ -33,6 +34,7 @@ from schemas.recipe import Recipe
 from distillery.stages.dedup import signature_params
 from flows.curate import collapse_statistics, curation_metadata, curation_stages
 from tasks.evolve import evolve_shard
+from tasks.glan import write_questions, write_syllabi
 from tasks.self_instruct import ensemble_agreement, self_instruct
 from tasks.ingest import ingest
 from tasks.publish import publish
@@ -140,6 +142,8 @@ def _new_instructions(generator, recipe: Recipe, seeds: pl.DataFrame) -> list[St
     (plus Ensemble-Instruct's agreement); none: the seeds are the problems (no stages)."""
     if recipe.evolve.rounds:
         return _evolve(generator, recipe, seeds)
+    if recipe.glan.taxonomy:  # the seeds are the taxonomy's subjects
+        return _glan(generator, recipe, seeds)
     cfg = recipe.self_instruct
     if not cfg.per_seed:
         return []
@@ -152,6 +156,18 @@ def _new_instructions(generator, recipe: Recipe, seeds: pl.DataFrame) -> list[St
     agreed = ensemble_agreement(generator, made.kept, cfg, recipe.generation.seed, size) if made.kept.height else StageResult.empty("agreement")
     logger.info("agreement: %d of %d new tasks kept, dropped %s", agreed.count.rows_out, agreed.count.rows_in, agreed.count.dropped or "none")
     return [made, agreed]
+
+
+def _glan(generator, recipe: Recipe, subjects: pl.DataFrame) -> list[StageResult]:
+    """GLAN: a syllabus per subject, then problems per session (stages ``syllabus``, ``questions``)."""
+    logger, cfg, size = get_run_logger(), recipe.glan, recipe.generation.shard_size
+    sessions = write_syllabi(generator, subjects, cfg, recipe.generation.seed, size)
+    logger.info("syllabus: %d subjects -> %d sessions, dropped %s", subjects.height, sessions.kept.height, sessions.count.dropped or "none")
+    if sessions.kept.height == 0:
+        return [sessions, StageResult.empty("questions", cfg.per_session)]
+    made = write_questions(generator, sessions.kept, cfg, recipe.generation.seed, size * cfg.per_session)
+    logger.info("questions: %d sessions -> %d problems, dropped %s", sessions.kept.height, made.kept.height, made.count.dropped or "none")
+    return [sessions, made]
 
 
 def _evolve(generator, recipe: Recipe, seeds: pl.DataFrame) -> list[StageResult]:
@@ -223,6 +239,12 @@ def _self_instruct_lineage(recipe: Recipe) -> dict:
     return {**recipe.self_instruct.model_dump(mode="json"), "prompt_templates": templates}
 
 
+def _glan_lineage(recipe: Recipe) -> dict:
+    """The GLAN settings and its prompt templates, by name and version."""
+    templates = {n: load_template("glan", n).id for n in ("syllabus", "question")}
+    return {**recipe.glan.model_dump(mode="json"), "prompt_templates": templates}
+
+
 def _evolve_stats(evolved: list[StageResult]) -> dict:
     """Per round: instructions in, kept, eliminated by reason, and the operations that survived."""
     rounds = {}
@@ -267,7 +289,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     lineage = {"model": model_name, "recipe_hash": recipe.hash(), "code_version": distillery.code_version()}
     recorder.annotate(model=model_name)
 
-    seeds = ingest(recipe.seeds)
+    seeds = ingest_taxonomy(recipe.glan.taxonomy) if recipe.glan.taxonomy else ingest(recipe.seeds)
     recorder.input(seeds.meta["parent"])
     logger.info("ingest: %d rows read, %d seeds kept, quarantined %s", seeds.count.rows_in, seeds.kept.height, seeds.count.dropped or "none")
 
@@ -320,6 +342,10 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     if deduped.kept.height and label in deduped.kept.columns:
         rates = pass_rates(deduped.kept, label=label)
         stats["pass_rate_histogram"] = {f"{k:.2f}": v for k, v in sorted(Counter(rates["pass_rate"].round(2).to_list()).items())}
+    if recipe.glan.taxonomy:  # per taxonomy node: sessions, problems, published samples
+        sessions = evolved[0].kept if evolved else pl.DataFrame()
+        problems = evolved[-1].kept if evolved else pl.DataFrame()
+        stats["taxonomy_coverage"] = coverage(seeds.kept, sessions, problems, rows)
     metadata = {
         "description": recipe.description,
         "parents": [seeds.meta["parent"]],
@@ -336,6 +362,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
             "sampling": gen.model_dump(mode="json"),
             **({"evolve": _evolve_lineage(recipe)} if recipe.evolve.rounds else {}),
             **({"self_instruct": _self_instruct_lineage(recipe)} if recipe.self_instruct.per_seed else {}),
+            **({"glan": _glan_lineage(recipe)} if recipe.glan.taxonomy else {}),
         },
         "scorer": {"method": method, **({"reward_model": recipe.score.reward_model} if method == "reward_model" else {})},
         "selection": {**recipe.select.model_dump(mode="json", exclude={"pairs"}), "label": label},

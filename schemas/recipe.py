@@ -152,6 +152,22 @@ class SelfInstructConfig(_Strict):
         return self
 
 
+class GlanConfig(_Strict):
+    """Taxonomy-driven generation (``distillery/stages/glan.py``): with ``taxonomy`` (a YAML file:
+    field -> disciplines -> subjects -> concepts) the model writes a syllabus per subject and
+    homework problems per session, and those are the problems sampled (instead of seeds)."""
+
+    taxonomy: str | None = None
+    sessions: int = Field(4, ge=1, le=64)  # class sessions per subject's syllabus
+    per_session: int = Field(2, ge=1, le=64)  # problems per session
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    syllabus_max_tokens: int = Field(256, ge=1)
+    question_max_tokens: int = Field(160, ge=1)
+    min_chars: int = Field(20, ge=1)
+    max_chars: int = Field(1000, ge=20)
+
+
 class GenerationConfig(_Strict):
     samples_per_problem: int = Field(4, ge=1, le=1024)
     temperature: float = Field(0.8, ge=0)
@@ -376,11 +392,12 @@ class _RecipeBase(_Strict):
 class Recipe(_RecipeBase):
     """``distillery run``: seeds -> synthesize -> verify -> curate -> publish."""
 
-    seeds: SeedsConfig
+    seeds: SeedsConfig | None = None  # required unless glan.taxonomy makes the problems
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
     evolve: EvolveConfig = EvolveConfig()
     self_instruct: SelfInstructConfig = SelfInstructConfig()
+    glan: GlanConfig = GlanConfig()
     generation: GenerationConfig = GenerationConfig()
     verify: VerifyConfig = VerifyConfig()
     score: ScoreConfig = ScoreConfig()
@@ -393,8 +410,12 @@ class Recipe(_RecipeBase):
 
     @model_validator(mode="after")
     def _one_strategy(self) -> Recipe:
-        if self.evolve.rounds and self.self_instruct.per_seed:
-            msg = "evolve.rounds and self_instruct.per_seed are both set: a recipe uses one synthesis strategy"
+        chosen = [name for name, on in (("evolve.rounds", self.evolve.rounds), ("self_instruct.per_seed", self.self_instruct.per_seed), ("glan.taxonomy", self.glan.taxonomy)) if on]
+        if len(chosen) > 1:
+            msg = f"{' and '.join(chosen)} are {'both' if len(chosen) == 2 else 'all'} set: a recipe uses one synthesis strategy"
+            raise ValueError(msg)
+        if (self.seeds is None) == (self.glan.taxonomy is None):
+            msg = "give seeds (the problems to start from) or glan.taxonomy (problems written from a taxonomy), not both or neither"
             raise ValueError(msg)
         return self
 

@@ -12,7 +12,8 @@ from distillery.stages.self_instruct import agreement, new_tasks, solve_requests
 from schemas.recipe import SelfInstructConfig
 
 
-def _in_shards(generator, requests: list[dict], sampling: SamplingSettings, size: int) -> list[dict]:
+def in_shards(generator, requests: list[dict], sampling: SamplingSettings, size: int) -> list[dict]:
+    """Send ``requests`` to the engines ``size`` at a time (shard ``i`` to engine ``i % replicas``)."""
     results = []
     for i, start in enumerate(range(0, len(requests), size)):
         results += generator.generate(i, requests[start : start + size], sampling)
@@ -22,7 +23,7 @@ def _in_shards(generator, requests: list[dict], sampling: SamplingSettings, size
 @task(name="self-instruct", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def self_instruct(generator, pool: pl.DataFrame, cfg: SelfInstructConfig, run_seed: int, shard_size: int) -> StageResult:
     requests = task_requests(pool, per_seed=cfg.per_seed, examples=cfg.examples, run_seed=run_seed)
-    results = _in_shards(generator, requests, SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens), shard_size)
+    results = in_shards(generator, requests, SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens), shard_size)
     return new_tasks(pool, requests, results, per_seed=cfg.per_seed, min_chars=cfg.min_chars, max_chars=cfg.max_chars, max_similarity=cfg.max_similarity)
 
 
@@ -30,7 +31,7 @@ def self_instruct(generator, pool: pl.DataFrame, cfg: SelfInstructConfig, run_se
 def ensemble_agreement(generator, tasks: pl.DataFrame, cfg: SelfInstructConfig, run_seed: int, shard_size: int) -> StageResult:
     per_member = solve_requests(tasks, [m.model_dump() for m in cfg.members], run_seed=run_seed)
     results = [
-        _in_shards(generator, requests, SamplingSettings(member.temperature, member.top_p, cfg.solve_max_tokens), shard_size)
+        in_shards(generator, requests, SamplingSettings(member.temperature, member.top_p, cfg.solve_max_tokens), shard_size)
         for member, requests in zip(cfg.members, per_member, strict=True)
     ]
     return agreement(tasks, results, min_agreement=cfg.min_agreement)

@@ -108,7 +108,19 @@ def render_card(manifest: dict) -> str:
         for name, uri in (manifest.get("companions") or {}).items():
             lines.append(f"- {name.replace('_', ' ')}: {uri}")
         lines.append("")
-    return "\n".join(lines + _accounting_lines(manifest) + _plot_lines(manifest))
+    return "\n".join(lines + _accounting_lines(manifest) + _coverage_lines(manifest) + _plot_lines(manifest))
+
+
+def _coverage_lines(manifest: dict) -> list[str]:
+    """Taxonomy-driven runs: sessions, problems and published samples per taxonomy node."""
+    nodes = (manifest.get("stats") or {}).get("taxonomy_coverage")
+    if not nodes:
+        return []
+    lines = ["", "## Coverage per taxonomy node", "", "| node | level | sessions | problems | published samples |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {n['level']} | {n['sessions']} | {n['problems']} | {n['published_samples']} |" for name, n in nodes.items()]
+    uncovered = [name for name, n in nodes.items() if n["level"] == "subject" and not n["covered"]]
+    lines += ["", f"Subjects with no published sample: {', '.join(uncovered)}." if uncovered else "Every subject has published samples.", ""]
+    return lines
 
 
 def _plot_lines(manifest: dict) -> list[str]:

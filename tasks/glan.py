@@ -1,0 +1,26 @@
+"""Prefect tasks for taxonomy-driven generation (GLAN): syllabi per subject, then problems per
+session, on the generation engines through the generation cache (``distillery/stages/glan.py``)."""
+
+import polars as pl
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from distillery.accounting import StageResult
+from distillery.engine import SamplingSettings
+from distillery.stages.glan import question_requests, questions, syllabus, syllabus_requests
+from schemas.recipe import GlanConfig
+from tasks.self_instruct import in_shards
+
+
+@task(name="syllabus", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def write_syllabi(generator, subjects: pl.DataFrame, cfg: GlanConfig, run_seed: int, shard_size: int) -> StageResult:
+    requests = syllabus_requests(subjects, sessions=cfg.sessions, run_seed=run_seed)
+    results = in_shards(generator, requests, SamplingSettings(cfg.temperature, cfg.top_p, cfg.syllabus_max_tokens), shard_size)
+    return syllabus(subjects, requests, results, sessions=cfg.sessions)
+
+
+@task(name="questions", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def write_questions(generator, sessions: pl.DataFrame, cfg: GlanConfig, run_seed: int, shard_size: int) -> StageResult:
+    requests = question_requests(sessions, per_session=cfg.per_session, run_seed=run_seed)
+    results = in_shards(generator, requests, SamplingSettings(cfg.temperature, cfg.top_p, cfg.question_max_tokens), shard_size)
+    return questions(sessions, requests, results, per_session=cfg.per_session, min_chars=cfg.min_chars, max_chars=cfg.max_chars)
