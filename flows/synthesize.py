@@ -9,6 +9,7 @@ immutable version with the manifest last.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
@@ -21,11 +22,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 import distillery
 from distillery.accounting import StageCount, StageResult, empty_rejects
 from distillery.contracts import load_contract
-from distillery.engine import EnginePool, start_ray
+from distillery.engine import EnginePool, SamplingSettings, start_ray
 from distillery.generation_cache import CachedGenerator
 from distillery.lineage import LineageRecorder
 from distillery.model_setup import model_identity, resolve_model_path
 from distillery.prompts import load_template
+from distillery.stages.difficulty import label, probe, retarget, variant_requests
 from distillery.stages.glan import coverage, ingest_taxonomy
 from distillery.stages.publish import Published
 from distillery.stages.select import pass_rates
@@ -35,7 +37,7 @@ from distillery.stages.dedup import signature_params
 from flows.curate import collapse_statistics, curation_metadata, curation_stages
 from tasks.evolve import evolve_shard
 from tasks.glan import write_questions, write_syllabi
-from tasks.self_instruct import ensemble_agreement, self_instruct
+from tasks.self_instruct import ensemble_agreement, in_shards, self_instruct
 from tasks.ingest import ingest
 from tasks.publish import publish
 from tasks.score import score
@@ -137,13 +139,15 @@ def _sample_in_rounds(pool: EnginePool, recipe: Recipe, seeds: pl.DataFrame, lin
     return synth, checked
 
 
-def _new_instructions(generator, recipe: Recipe, seeds: pl.DataFrame) -> list[StageResult]:
+def _new_instructions(generator, recipe: Recipe, seeds: pl.DataFrame, lineage: dict) -> list[StageResult]:
     """The recipe's synthesis strategy, before sampling: Evol-Instruct rounds, or Self-Instruct
     (plus Ensemble-Instruct's agreement); none: the seeds are the problems (no stages)."""
     if recipe.evolve.rounds:
         return _evolve(generator, recipe, seeds)
     if recipe.glan.taxonomy:  # the seeds are the taxonomy's subjects
         return _glan(generator, recipe, seeds)
+    if recipe.difficulty.enabled:
+        return _retarget_difficulty(generator, recipe, seeds, lineage)
     cfg = recipe.self_instruct
     if not cfg.per_seed:
         return []
@@ -156,6 +160,34 @@ def _new_instructions(generator, recipe: Recipe, seeds: pl.DataFrame) -> list[St
     agreed = ensemble_agreement(generator, made.kept, cfg, recipe.generation.seed, size) if made.kept.height else StageResult.empty("agreement")
     logger.info("agreement: %d of %d new tasks kept, dropped %s", agreed.count.rows_out, agreed.count.rows_in, agreed.count.dropped or "none")
     return [made, agreed]
+
+
+def _verdicts(checked: StageResult) -> pl.DataFrame:
+    """``seed_id`` and ``correct`` of every verified sample: those verify kept and those it dropped."""
+    frames = [checked.kept.select("seed_id", "correct")] if checked.kept.height else []
+    dropped = checked.rejects.filter(pl.col("stage") == "verify")["record"].to_list() if checked.rejects.height else []
+    if dropped:
+        frames.append(pl.DataFrame([{k: json.loads(r).get(k) for k in ("seed_id", "correct")} for r in dropped], schema={"seed_id": pl.Utf8, "correct": pl.Boolean}))
+    return pl.concat(frames) if frames else pl.DataFrame(schema={"seed_id": pl.Utf8, "correct": pl.Boolean})
+
+
+def _retarget_difficulty(generator, recipe: Recipe, seeds: pl.DataFrame, lineage: dict) -> list[StageResult]:
+    """Difficulty-targeted generation: probe pass rates with the recipe's own sampling (the final
+    sampling of the same problems then comes from the generation cache), rewrite the always- and
+    never-solved problems, and keep the variants the ensemble agrees on an answer for."""
+    logger, cfg, size, seed = get_run_logger(), recipe.difficulty, recipe.generation.shard_size, recipe.generation.seed
+    _, checked = _sample_in_rounds(generator, recipe, seeds, lineage)
+    probed = probe(seeds, _verdicts(checked))
+    requests = variant_requests(probed.kept, run_seed=seed)
+    results = in_shards(generator, requests, SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens), size) if requests else []
+    targeted = retarget(probed.kept, requests, results, max_chars=cfg.max_chars, max_similarity=cfg.max_similarity)
+    logger.info("retarget: %d problems probed, %d variants kept, dropped %s", seeds.height, targeted.kept.height - seeds.height, targeted.count.dropped or "none")
+    originals = targeted.kept.filter(pl.col("variant_of").is_null())
+    variants = targeted.kept.filter(pl.col("variant_of").is_not_null())
+    agreed = ensemble_agreement(generator, variants, cfg, seed, size) if variants.height else StageResult.empty("agreement")
+    kept = pl.concat([originals, agreed.kept], how="diagonal_relaxed") if agreed.kept.height else originals
+    count = StageCount("agreement", targeted.kept.height, kept.height, 1, agreed.count.dropped).check()  # originals pass through
+    return [probed, targeted, StageResult("agreement", kept, agreed.rejects, count)]
 
 
 def _glan(generator, recipe: Recipe, subjects: pl.DataFrame) -> list[StageResult]:
@@ -201,7 +233,7 @@ def _generate_verify_and_judge(
     if recipe.generation.cache and model_sha256:
         generator = CachedGenerator(pool, store, str(model_dir), {"sha256": model_sha256, "dtype": recipe.engine.dtype})
     try:
-        evolved = _new_instructions(generator, recipe, seeds)
+        evolved = _new_instructions(generator, recipe, seeds, lineage)
         problems = evolved[-1].kept if evolved else seeds
         budget = recipe.generation.adaptive.max_samples if recipe.generation.adaptive else recipe.generation.samples_per_problem
         started = time.perf_counter()
@@ -214,6 +246,8 @@ def _generate_verify_and_judge(
         if evolved and checked.kept.height:  # every sample carries its instruction's lineage (chain, parent, template)
             extra = [c for c in problems.columns if c == "seed_id" or c not in checked.kept.columns]
             checked.kept = checked.kept.join(problems.select(extra), on="seed_id", how="left")
+        if recipe.difficulty.enabled and checked.kept.height:
+            checked.kept = label(checked.kept, easy_at=recipe.difficulty.easy_at, hard_at=recipe.difficulty.hard_at, verdicts=_verdicts(checked))
         judged = score(checked.kept, recipe.score, recipe.engine, generator, seed=recipe.generation.seed) if recipe.score.method == "judge" else None
     finally:
         pool.shutdown()
@@ -237,6 +271,28 @@ def _self_instruct_lineage(recipe: Recipe) -> dict:
     names = ["new_task", *(["solve"] if recipe.self_instruct.members else [])]
     templates = {n: load_template("self_instruct", n).id for n in names}
     return {**recipe.self_instruct.model_dump(mode="json"), "prompt_templates": templates}
+
+
+def _difficulty_stats(stages: list[StageResult], rows: pl.DataFrame) -> dict:
+    """Problems probed and retargeted, and the published samples by difficulty and by origin."""
+    probed = stages[0].kept if stages else pl.DataFrame()
+    rates = probed["probe_pass_rate"].to_list() if probed.height else []
+    published = Counter(rows["difficulty"].to_list()) if rows.height and "difficulty" in rows.columns else Counter()
+    origin = Counter((rows["variant_direction"].fill_null("original")).to_list()) if rows.height and "variant_direction" in rows.columns else Counter()
+    return {
+        "problems_probed": len(rates),
+        "always_solved": sum(r == 1.0 for r in rates if r is not None),
+        "never_solved": sum(r == 0.0 for r in rates if r is not None),
+        "variants_kept": stages[-1].kept.filter(pl.col("variant_of").is_not_null()).height if stages and stages[-1].kept.height else 0,
+        "published_by_difficulty": {str(k): v for k, v in sorted(published.items(), key=lambda kv: str(kv[0]))},
+        "published_by_origin": dict(sorted(origin.items())),
+    }
+
+
+def _difficulty_lineage(recipe: Recipe) -> dict:
+    """The difficulty settings and the rewrite and solve templates, by name and version."""
+    templates = {n: load_template("difficulty", n).id for n in ("harder", "simpler")} | {"solve": load_template("self_instruct", "solve").id}
+    return {**recipe.difficulty.model_dump(mode="json"), "prompt_templates": templates}
 
 
 def _glan_lineage(recipe: Recipe) -> dict:
@@ -342,6 +398,8 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     if deduped.kept.height and label in deduped.kept.columns:
         rates = pass_rates(deduped.kept, label=label)
         stats["pass_rate_histogram"] = {f"{k:.2f}": v for k, v in sorted(Counter(rates["pass_rate"].round(2).to_list()).items())}
+    if recipe.difficulty.enabled:
+        stats["difficulty"] = _difficulty_stats(evolved, rows)
     if recipe.glan.taxonomy:  # per taxonomy node: sessions, problems, published samples
         sessions = evolved[0].kept if evolved else pl.DataFrame()
         problems = evolved[-1].kept if evolved else pl.DataFrame()
@@ -363,6 +421,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
             **({"evolve": _evolve_lineage(recipe)} if recipe.evolve.rounds else {}),
             **({"self_instruct": _self_instruct_lineage(recipe)} if recipe.self_instruct.per_seed else {}),
             **({"glan": _glan_lineage(recipe)} if recipe.glan.taxonomy else {}),
+            **({"difficulty": _difficulty_lineage(recipe)} if recipe.difficulty.enabled else {}),
         },
         "scorer": {"method": method, **({"reward_model": recipe.score.reward_model} if method == "reward_model" else {})},
         "selection": {**recipe.select.model_dump(mode="json", exclude={"pairs"}), "label": label},

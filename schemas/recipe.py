@@ -168,6 +168,40 @@ class GlanConfig(_Strict):
     max_chars: int = Field(1000, ge=20)
 
 
+def _three_members() -> list[SamplingMember]:
+    return [SamplingMember(temperature=0.2), SamplingMember(temperature=0.7), SamplingMember(temperature=1.0)]
+
+
+class DifficultyConfig(_Strict):
+    """Difficulty-targeted generation (``distillery/stages/difficulty.py``): probe each problem's
+    pass rate with the recipe's own sampling, rewrite the always-solved ones harder and the
+    never-solved ones simpler, give each variant the answer ``min_agreement`` of the ensemble
+    ``members`` agree on (or drop it), sample originals and variants, and label every sample's
+    difficulty by its problem's pass rate (``easy`` at ``easy_at`` or more, ``hard`` at ``hard_at`` or less)."""
+
+    enabled: bool = False
+    temperature: float = Field(0.7, ge=0)  # the rewrites'
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(192, ge=1)
+    max_chars: int = Field(1500, ge=20)
+    max_similarity: float = Field(0.9, gt=0, le=1)
+    members: list[SamplingMember] = Field(default_factory=_three_members, min_length=2)
+    min_agreement: int = Field(2, ge=2)
+    solve_max_tokens: int = Field(256, ge=1)
+    easy_at: float = Field(0.8, ge=0, le=1)
+    hard_at: float = Field(0.2, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DifficultyConfig:
+        if self.min_agreement > len(self.members):
+            msg = f"min_agreement ({self.min_agreement}) is more than the {len(self.members)} members"
+            raise ValueError(msg)
+        if self.hard_at >= self.easy_at:
+            msg = f"hard_at ({self.hard_at}) must be below easy_at ({self.easy_at})"
+            raise ValueError(msg)
+        return self
+
+
 class GenerationConfig(_Strict):
     samples_per_problem: int = Field(4, ge=1, le=1024)
     temperature: float = Field(0.8, ge=0)
@@ -398,6 +432,7 @@ class Recipe(_RecipeBase):
     evolve: EvolveConfig = EvolveConfig()
     self_instruct: SelfInstructConfig = SelfInstructConfig()
     glan: GlanConfig = GlanConfig()
+    difficulty: DifficultyConfig = DifficultyConfig()
     generation: GenerationConfig = GenerationConfig()
     verify: VerifyConfig = VerifyConfig()
     score: ScoreConfig = ScoreConfig()
@@ -410,7 +445,13 @@ class Recipe(_RecipeBase):
 
     @model_validator(mode="after")
     def _one_strategy(self) -> Recipe:
-        chosen = [name for name, on in (("evolve.rounds", self.evolve.rounds), ("self_instruct.per_seed", self.self_instruct.per_seed), ("glan.taxonomy", self.glan.taxonomy)) if on]
+        strategies = (
+            ("evolve.rounds", self.evolve.rounds),
+            ("self_instruct.per_seed", self.self_instruct.per_seed),
+            ("glan.taxonomy", self.glan.taxonomy),
+            ("difficulty.enabled", self.difficulty.enabled),
+        )
+        chosen = [name for name, on in strategies if on]
         if len(chosen) > 1:
             msg = f"{' and '.join(chosen)} are {'both' if len(chosen) == 2 else 'all'} set: a recipe uses one synthesis strategy"
             raise ValueError(msg)

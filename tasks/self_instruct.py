@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from distillery.accounting import StageResult
 from distillery.engine import SamplingSettings
 from distillery.stages.self_instruct import agreement, new_tasks, solve_requests, task_requests
-from schemas.recipe import SelfInstructConfig
+from schemas.recipe import DifficultyConfig, SelfInstructConfig
 
 
 def in_shards(generator, requests: list[dict], sampling: SamplingSettings, size: int) -> list[dict]:
@@ -28,7 +28,7 @@ def self_instruct(generator, pool: pl.DataFrame, cfg: SelfInstructConfig, run_se
 
 
 @task(name="agreement", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def ensemble_agreement(generator, tasks: pl.DataFrame, cfg: SelfInstructConfig, run_seed: int, shard_size: int) -> StageResult:
+def ensemble_agreement(generator, tasks: pl.DataFrame, cfg: SelfInstructConfig | DifficultyConfig, run_seed: int, shard_size: int) -> StageResult:
     per_member = solve_requests(tasks, [m.model_dump() for m in cfg.members], run_seed=run_seed)
     results = [
         in_shards(generator, requests, SamplingSettings(member.temperature, member.top_p, cfg.solve_max_tokens), shard_size)

@@ -15,7 +15,7 @@ Two steps, plain functions around whatever generates text:
    member solves each new task (``self_instruct/solve.j2``); a task is kept only if at least
    ``min_agreement`` members' final answers are equal (math-verify), and that answer becomes its
    ``reference_answer`` (and ``member_agreement`` the share that agreed), so verify can check the samples later. Dropped: ``no_answer`` (no member
-   gave one), ``no_agreement``.
+   gave one with a number in it), ``no_agreement``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from distillery.stages.verify import answers_match, extract_answer, normalize_an
 
 NEW_TASK = ("self_instruct", "new_task")
 SOLVE = ("self_instruct", "solve")
-_LABELS = ("problem", "task", "question", "new problem")
+_LABELS = ("problem", "task", "question", "new problem", "harder problem", "simpler problem")
 
 
 def _seed(*parts: Any) -> int:
@@ -179,7 +179,8 @@ def agreement(tasks: pl.DataFrame, results_by_member: list[list[dict[str, Any]]]
         answers = []
         for results in results_by_member:
             extracted = extract_answer(results[i].get("completion") or "").text
-            answers.append(normalize_answer(extracted) if extracted else None)
+            # an answer with no digit is the template echoed ("The answer is N"), not an answer
+            answers.append(normalize_answer(extracted) if extracted and any(ch.isdigit() for ch in extracted) else None)
         answer, votes = consensus(answers)
         reason = "no_answer" if answer is None else ("no_agreement" if votes < min_agreement else None)
         rows.append({**row, "reference_answer": answer, "member_answers": answers, "member_agreement": round(votes / members, 4)})

@@ -77,7 +77,7 @@ def test_agreement_keeps_tasks_the_members_agree_on_and_sets_their_answer():
     members = [
         [_r("so 8 bags. The answer is 8"), _r("The answer is 5"), _r("no idea")],
         [_r("The answer is 8.0"), _r("The answer is 6"), _r("hmm")],
-        [_r("#### 7"), _r("The answer is 7"), _r("")],
+        [_r("#### 7"), _r("The answer is 7"), _r("The answer is N")],  # "N": the template echoed, no answer
     ]
     out = agreement(tasks, members, min_agreement=2)
     assert out.count.dropped == {"no_agreement": 1, "no_answer": 1}
