@@ -107,6 +107,11 @@ CUSTOM_FACET_SCHEMAS: dict[str, dict] = {
             "recipeHash": {"type": "string", "description": "sha256 of the resolved recipe (the recipe itself is in the manifest)."},
             "codeVersion": {"type": "string", "description": "distillery.code_version(): package version + git commit."},
             "model": {"type": "string", "description": "The generator or base model."},
+            "promptTemplates": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "The synthesis strategy's prompt templates, as strategy/name@version (sha256 of the template's text).",
+            },
         },
         ["flowRunId"],
     ),
@@ -152,7 +157,8 @@ class DistilleryRunFacet(RunFacet):
     recipeHash: str | None = attr.field(default=None)  # noqa: N815
     codeVersion: str | None = attr.field(default=None)  # noqa: N815
     model: str | None = attr.field(default=None)
-    _additional_skip_redact: ClassVar[list[str]] = ["flowRunId", "recipeHash", "codeVersion", "model"]
+    promptTemplates: list[str] | None = attr.field(default=None)  # noqa: N815
+    _additional_skip_redact: ClassVar[list[str]] = ["flowRunId", "recipeHash", "codeVersion", "model", "promptTemplates"]
 
     @staticmethod
     def _get_schema() -> str:
@@ -361,6 +367,7 @@ class LineageRecorder:
         self.namespace = namespace or job_namespace()
         self.dataset_namespace = store_namespace(self.store)
         self.recipe_hash, self.code_version, self.model, self.description = recipe_hash, code_version, model, description
+        self.prompt_templates: list[str] | None = None
         self.started_at = datetime.now(UTC)
         self.prefix = f"{LINEAGE_DIR}/{self.started_at:%Y-%m-%d}/{self.run_id}"
         self.keys: list[str] = []  # what this recorder wrote, in order
@@ -373,9 +380,12 @@ class LineageRecorder:
         self._finished = False
 
     # -- what the flow tells it ---------------------------------------------------------------
-    def annotate(self, *, model: str | None = None, recipe_hash: str | None = None, code_version: str | None = None) -> None:
+    def annotate(
+        self, *, model: str | None = None, recipe_hash: str | None = None, code_version: str | None = None, prompt_templates: list[str] | None = None
+    ) -> None:
         """Facts learned during the run (e.g. the model name once the model folder is resolved)."""
         self.model = model or self.model
+        self.prompt_templates = prompt_templates or self.prompt_templates
         self.recipe_hash = recipe_hash or self.recipe_hash
         self.code_version = code_version or self.code_version
 
@@ -494,7 +504,12 @@ class LineageRecorder:
     def _flow_run_facets(self) -> dict[str, RunFacet]:
         return {
             "distillery_run": DistilleryRunFacet(
-                flowRunId=self.flow_run_id, recipeHash=self.recipe_hash, codeVersion=self.code_version, model=self.model, producer=PRODUCER
+                flowRunId=self.flow_run_id,
+                recipeHash=self.recipe_hash,
+                codeVersion=self.code_version,
+                model=self.model,
+                promptTemplates=self.prompt_templates,
+                producer=PRODUCER,
             )
         }
 

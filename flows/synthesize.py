@@ -289,6 +289,19 @@ def _difficulty_stats(stages: list[StageResult], rows: pl.DataFrame) -> dict:
     }
 
 
+def _prompt_templates(recipe: Recipe) -> list[str] | None:
+    """The synthesis strategy's templates (``strategy/name@version``), for the lineage events."""
+    for on, lineage in (
+        (recipe.evolve.rounds, _evolve_lineage),
+        (recipe.self_instruct.per_seed, _self_instruct_lineage),
+        (recipe.glan.taxonomy, _glan_lineage),
+        (recipe.difficulty.enabled, _difficulty_lineage),
+    ):
+        if on:
+            return sorted(lineage(recipe)["prompt_templates"].values())
+    return None
+
+
 def _difficulty_lineage(recipe: Recipe) -> dict:
     """The difficulty settings and the rewrite and solve templates, by name and version."""
     templates = {n: load_template("difficulty", n).id for n in ("harder", "simpler")} | {"solve": load_template("self_instruct", "solve").id}
@@ -343,7 +356,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     identity = model_identity(model_dir)
     model_name = recipe.model.name or identity["name"]
     lineage = {"model": model_name, "recipe_hash": recipe.hash(), "code_version": distillery.code_version()}
-    recorder.annotate(model=model_name)
+    recorder.annotate(model=model_name, prompt_templates=_prompt_templates(recipe))
 
     seeds = ingest_taxonomy(recipe.glan.taxonomy) if recipe.glan.taxonomy else ingest(recipe.seeds)
     recorder.input(seeds.meta["parent"])

@@ -116,3 +116,7 @@ def test_evol_instruct_recipe_end_to_end(tmp_path):
     assert per_round["2"]["instructions"] == round1["rows_out"]
     card = (uri / "card.md").read_text()
     assert "evolve-1" in card and "evolve-2" in card
+    # and in the OpenLineage events: the run facet names the templates, by version
+    events = [json.loads(p.read_text()) for p in (store / "_lineage").rglob("*.json")]
+    complete = [e for e in events if e["eventType"] == "COMPLETE" and e["job"]["name"] == "synthesize"]
+    assert complete and complete[0]["run"]["facets"]["distillery_run"]["promptTemplates"] == sorted(templates.values())
