@@ -10,7 +10,7 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 # The embedded Prefect server starts in a subprocess; on a busy 2-core machine 20 s (the default) is not enough.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install model run test test-fast lock clean bench bench-dedup
+.PHONY: install model run test test-fast lock clean bench bench-dedup bench-curate
 
 $(STAMP): pyproject.toml requirements-cpu.lock
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,7 @@ bench: model
 
 bench-dedup: install
 	$(PY) bench/dedup.py
+
+# distillery curate on 250k, 500k and 1M synthetic rows: seconds, peak RSS, drops (bench/results/curate_memory.json)
+bench-curate: install
+	$(PY) bench/curate_memory.py

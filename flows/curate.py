@@ -2,29 +2,56 @@
 
 ``curation_stages`` is the same sequence the ``synthesize`` flow runs after verification, so a
 data set curated on its own and one made by synthesis are filtered by the same code.
+
+``distillery curate`` runs the same stages in shards (:func:`curate_in_shards`), so that its
+memory is bounded by a shard, not by the input (a million rows or a hundred million):
+
+1. ingest, quality and decontaminate, shard by shard (``SHARD_ROWS`` input rows at a time;
+   ``distillery.stages.ingest_batches``); each shard's survivors, their MinHash signatures (on
+   Ray workers) and their dedup hash records are spilled to a local temporary folder;
+2. dedup, bucket by bucket over the spilled records (``distillery.stages.dedup_external``);
+   the model-collapse statistics are counted the same way (``distillery.stages.collapse_external``);
+3. publish: the shards are read back once, the duplicates become rejects, and the kept rows, the
+   rejects and the signatures are written as Parquet parts (``publish.PartWriter``), then copied
+   into a new version with the manifest last (``publish.publish_parts``).
+
+The published version is the one the in-memory stages make of the whole input (same rows, same
+rejects, same counts: ``tests/flows/test_curate_streaming.py``). The spill folder is removed at the end.
 """
 
 from __future__ import annotations
 
+import logging
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import polars as pl
 from prefect import flow, get_run_logger
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 import distillery
-from distillery.accounting import StageResult
+from distillery.accounting import REJECT_SCHEMA, StageCount, StageResult
 from distillery.engine import start_ray
 from distillery.lineage import LineageRecorder
 from distillery.stages.collapse import check_gate, collapse_report
+from distillery.stages.collapse_external import collapse_report_sharded
 from distillery.stages.dedup import signature_params
+from distillery.stages.dedup_external import ExternalDedup
+from distillery.stages.ingest_batches import IngestBatches, conform
+from distillery.stages.publish import PartWriter, Published
 from distillery.store import Store
 from schemas.recipe import CollapseConfig, CurateRecipe, DecontaminationConfig, DedupConfig, QualityConfig
-from tasks.decontaminate import decontaminate
-from tasks.dedup import dedup
-from tasks.ingest import ingest_existing
-from tasks.publish import publish
+from tasks.decontaminate import benchmark_index, decontaminate, decontaminate_shard
+from tasks.dedup import dedup, dedup_duplicates, load_against, ray_signatures
+from tasks.publish import publish_shards
 from tasks.quality import quality as quality_task
+
+SHARD_ROWS = 100_000  # input rows read, filtered and spilled at a time: what bounds curate's memory
+CURATION_STAGES = ("quality", "decontaminate", "dedup")
 
 
 def curation_stages(
@@ -39,8 +66,9 @@ def curation_stages(
     return results
 
 
-def collapse_statistics(output_texts: list[str], seed_texts: list[str], cfg: CollapseConfig) -> dict:
-    """n-gram statistics of the output against its seeds; raises if the recipe's gate fails."""
+def collapse_statistics(output_texts, seed_texts, cfg: CollapseConfig) -> dict:
+    """n-gram statistics of the output against its seeds (lists or iterables, read once each);
+    raises if the recipe's gate fails."""
     report = collapse_report(output_texts, seed_texts, cfg)
     check_gate(report)
     return report
@@ -58,53 +86,172 @@ def curation_metadata(results: list[StageResult]) -> dict:
 
 
 @flow(name="curate", log_prints=True)
-def curate(recipe: CurateRecipe, input_uri: str, store: str = "store") -> str:
+def curate(recipe: CurateRecipe, input_uri: str, store: str = "store", shard_rows: int = SHARD_ROWS) -> str:
     """Curate an existing data set (file or published version) and publish it as a new version."""
     run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")
     recorder = LineageRecorder("curate", run_id, store, recipe_hash=recipe.hash(), code_version=distillery.code_version(), description=recipe.description)
     with recorder:  # OpenLineage: START now; stage events and COMPLETE after publish, FAIL if this raises
-        return _curate(recipe, input_uri, store, run_id, recorder)
+        start_ray()  # signatures fan out over Ray workers
+        published, stages, parent, schema = curate_in_shards(recipe, input_uri, store, run_id, shard_rows=shard_rows)
+        recorder.input(parent)
+        recorder.output(published, stages, schema=schema)
+        return published.uri
 
 
-def _curate(recipe: CurateRecipe, input_uri: str, store: str, run_id: str, recorder: LineageRecorder) -> str:
-    logger = get_run_logger()
-    start_ray()  # signatures fan out over Ray workers
-    ingested = ingest_existing(input_uri, recipe.text_column, recipe.id_column, recipe.format)
-    recorder.input(ingested.meta["parent"])
-    logger.info("ingest: %d rows read, %d kept, quarantined %s", ingested.count.rows_in, ingested.kept.height, ingested.count.dropped or "none")
-    results = curation_stages(
-        ingested.kept, quality=recipe.quality, decontamination=recipe.decontaminate, dedup_cfg=recipe.dedup, text_column=recipe.text_column
-    ) if ingested.kept.height else [StageResult.empty("quality"), StageResult.empty("dedup")]
-    for r in results:
-        logger.info("%s: %d -> %d rows, dropped %s", r.stage, r.count.rows_in, r.count.rows_out, r.count.dropped or "nothing")
-    final = results[-1]
-    rows = final.kept if final.kept.height else ingested.kept.clear()
-    texts_in = ingested.kept[recipe.text_column].to_list() if ingested.kept.height else []
-    collapse = collapse_statistics(rows[recipe.text_column].to_list() if rows.height else [], texts_in, recipe.collapse)
-    published = publish(
-        Store(store),
-        recipe.dataset,
-        rows,
-        pl.concat([ingested.rejects, *[r.rejects for r in results]]),
-        input_rows=ingested.count.rows_in,
-        stages=[ingested.count, *[r.count for r in results]],
-        run_id=run_id,
-        shard_rows=recipe.publish.shard_rows,
-        contract="curated",
-        signatures=final.meta.get("signatures"),
-        signature_params=signature_params(recipe.dedup),
-        metadata={
-            "description": recipe.description,
-            "kind": "curated",
-            "parents": [ingested.meta["parent"]],
-            "recipe": recipe.resolved(),
-            "recipe_hash": recipe.hash(),
-            "code_version": distillery.code_version(),
-            "generator": {"model": None, "engine": None, "text_column": recipe.text_column},
-            "flow_run_id": run_id,
-            "stats": {"collapse": collapse, **curation_metadata(results)},
-        },
-    )
-    recorder.output(published, [ingested.count, *[r.count for r in results]], schema=rows.schema)
+def plain(t: Callable) -> Callable:
+    """A Prefect task's own function (arguments in ``quote`` unwrapped): the flow's steps without
+    Prefect, for tests."""
+
+    def call(*args, **kwargs):
+        unwrap = lambda v: v.unquote() if isinstance(v, quote) else v  # noqa: E731
+        return t.fn(*map(unwrap, args), **{k: unwrap(v) for k, v in kwargs.items()})
+
+    return call
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("distillery.curate")
+
+
+class _StageRejects:
+    """Each stage's rejects, spilled shard by shard, read back in stage order for publishing
+    (the order ``publish_version`` gets them in: ingest's, then quality's, ...)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.files: dict[str, list[Path]] = {}
+
+    def add(self, stage: str, rejects: pl.DataFrame) -> None:
+        if rejects.height:
+            files = self.files.setdefault(stage, [])
+            path = self.folder / f"{stage}-{len(files):05d}.arrow"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rejects.write_ipc(path)
+            files.append(path)
+
+    def __iter__(self) -> Iterator[pl.DataFrame]:
+        for stage in ("ingest", *CURATION_STAGES):
+            for path in self.files.get(stage, []):
+                yield pl.read_ipc(path)
+
+
+def _texts(paths: list[Path], column: str) -> Iterator[str]:
+    for path in paths:
+        frame = pl.read_parquet(path, columns=[column]) if path.suffix == ".parquet" else pl.read_ipc(path, columns=[column])
+        yield from frame[column].to_list()
+
+
+def curate_in_shards(
+    recipe: CurateRecipe,
+    input_uri: str,
+    store: str,
+    run_id: str,
+    *,
+    shard_rows: int = SHARD_ROWS,
+    spill_root: str | None = None,
+    task: Callable = lambda t: t,
+) -> tuple[Published, list[StageCount], dict, pl.Schema]:
+    """ingest -> quality -> decontaminate per shard, dedup over the spilled shards, publish.
+
+    Returns the version, the stage counts, the input's ``parent`` record and the published
+    schema. Spill files live in a temporary folder under ``spill_root`` (the system's temporary
+    folder by default), removed when this returns or fails. ``task`` picks how a Prefect task is
+    called: as a task (the flow), or :func:`plain` to run the plain functions (tests).
+    """
+    logger = _logger()
+    text = recipe.text_column
+    quality_cfg = recipe.quality.model_copy(update={"column": text})
+    decon_cfg, dedup_cfg = recipe.decontaminate, recipe.dedup
+    with tempfile.TemporaryDirectory(prefix="distillery-curate-", dir=spill_root) as tmp:
+        spill = Path(tmp)
+        batches = IngestBatches(input_uri, text_column=text, id_column=recipe.id_column, fmt=recipe.format, batch_rows=shard_rows)
+        index = task(benchmark_index)(decon_cfg) if decon_cfg.benchmarks else None
+        earlier = task(load_against)(dedup_cfg)
+        spilled = ExternalDedup(dedup_cfg, text, spill / "dedup", earlier=earlier)
+        signature_fn = ray_signatures(dedup_cfg)
+        rejects = _StageRejects(spill / "rejects")
+        counts: dict[str, list[StageCount]] = {"ingest": [], **{s: [] for s in CURATION_STAGES}}
+        hits: dict[str, int] = {}
+        seed_files: list[Path] = []
+
+        # 1. ingest, quality, decontaminate, shard by shard; dedup's hashes and signatures spilled
+        for k, ingested in enumerate(batches):
+            results = [ingested, task(quality_task)(ingested.kept, quality_cfg)]
+            if decon_cfg.benchmarks:
+                results.append(task(decontaminate_shard)(results[-1].kept, decon_cfg, quote(index)))
+                for name, n in results[-1].meta["contamination_hits"].items():
+                    hits[name] = hits.get(name, 0) + n
+            for r in results:
+                counts[r.stage].append(r.count)
+                rejects.add(r.stage, r.rejects)
+            seed_files.append(spill / "seeds" / f"{k:05d}.arrow")
+            seed_files[-1].parent.mkdir(exist_ok=True)
+            ingested.kept.select(pl.col(text).cast(pl.Utf8)).write_ipc(seed_files[-1])
+            survivors = results[-1].kept
+            spilled.add_shard(survivors, signature_fn(survivors[text].cast(pl.Utf8).fill_null("")) if survivors.height else None)
+            logger.info("shard %d: %s", k, ", ".join(f"{r.stage} {r.count.rows_in} -> {r.count.rows_out}" for r in results))
+        ingest = StageCount.combine(counts["ingest"])
+        stages = [ingest, StageCount.combine(counts["quality"])]
+        if decon_cfg.benchmarks and ingest.rows_out:  # as the in-memory flow: no rows, no decontaminate stage
+            stages.append(StageCount.combine(counts["decontaminate"]))
+
+        # 2. dedup over the spilled hash buckets
+        dedup_count = task(dedup_duplicates)(quote(spilled))
+        stages.append(dedup_count)
+        logger.info("dedup buckets: %s", spilled.stats)
+        for s in stages:
+            logger.info("%s: %d -> %d rows, dropped %s", s.stage, s.rows_in, s.rows_out, s.dropped or "nothing")
+
+        # 3. the shards again: kept rows, rejects and signatures as local Parquet parts
+        out = spill / "publish"
+        schema = batches.schema
+        data = PartWriter(out, "data", recipe.publish.shard_rows, schema=schema, contract="curated")
+        signatures = PartWriter(out, "signatures", recipe.publish.shard_rows, schema={"sample_id": pl.Utf8, "text_sha256": pl.Utf8, "minhash": pl.List(pl.UInt32)})
+        for k in range(len(spilled.shards)):
+            kept, dropped, table = spilled.split(k)
+            data.add(conform(kept, schema))
+            rejects.add("dedup", dropped)
+            signatures.add(table)
+        data.close()
+        signatures.close()
+        reject_parts = PartWriter(out, "rejects", recipe.publish.shard_rows, schema=REJECT_SCHEMA)
+        for frame in rejects:
+            reject_parts.add(frame)
+        reject_parts.close()
+        spilled.close()
+
+        data_files = [data.folder / p["path"].split("/", 1)[1] for p in data.parts] if data.rows else []
+        collapse = collapse_report_sharded(lambda: _texts(data_files, text), lambda: _texts(seed_files, text), recipe.collapse, spill / "collapse")
+        check_gate(collapse)
+        stats: dict = {"collapse": collapse}
+        if decon_cfg.benchmarks and ingest.rows_out:
+            stats["contamination_hits"] = hits
+        if spilled.n:
+            stats["dedup_against"] = [e.uri for e in earlier]
+        published = task(publish_shards)(
+            Store(store),
+            recipe.dataset,
+            data,
+            reject_parts,
+            input_rows=ingest.rows_in,
+            stages=stages,
+            run_id=run_id,
+            signatures=signatures if spilled.n else None,
+            signature_params=signature_params(dedup_cfg),
+            metadata={
+                "description": recipe.description,
+                "kind": "curated",
+                "parents": [batches.parent],
+                "recipe": recipe.resolved(),
+                "recipe_hash": recipe.hash(),
+                "code_version": distillery.code_version(),
+                "generator": {"model": None, "engine": None, "text_column": text},
+                "flow_run_id": run_id,
+                "stats": stats,
+            },
+        )
     logger.info("published %s: %d rows", published.uri, published.manifest["counts"]["published"])
-    return published.uri
+    return published, stages, batches.parent, pl.Schema(schema)

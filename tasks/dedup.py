@@ -1,5 +1,6 @@
-"""Prefect task for the dedup stage: MinHash signatures fan out over shards on Ray workers;
-buckets and clusters run on the combined signatures (``distillery.stages.dedup``)."""
+"""Prefect tasks for the dedup stage: MinHash signatures fan out over shards on Ray workers;
+buckets and clusters run on the combined signatures (``distillery.stages.dedup``), or, for
+sharded curation, over spilled hash buckets (``distillery.stages.dedup_external``)."""
 
 import numpy as np
 import polars as pl
@@ -8,11 +9,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distillery import minhash
-from distillery.accounting import StageResult
-from distillery.stages.dedup import dedup_samples, load_earlier
+from distillery.accounting import StageCount, StageResult
+from distillery.faults import failpoint
+from distillery.stages.dedup import EarlierRows, dedup_samples, load_earlier
+from distillery.stages.dedup_external import ExternalDedup
 from schemas.recipe import DedupConfig
 
-_signatures_remote = ray.remote(num_cpus=1)(minhash.signatures)
+# SPREAD: signature shards use every node of a cluster rather than filling the driver's node first
+_signatures_remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(minhash.signatures)
 
 
 def ray_signatures(cfg: DedupConfig, shard_rows: int = 50_000):
@@ -33,4 +37,20 @@ def ray_signatures(cfg: DedupConfig, shard_rows: int = 50_000):
 @task(name="dedup", cache_policy=NO_CACHE)
 def dedup(samples: pl.DataFrame, cfg: DedupConfig, text_column: str = "completion") -> StageResult:
     earlier = [load_earlier(uri, cfg) for uri in cfg.against]
-    return dedup_samples(samples, cfg, text_column=text_column, earlier=earlier, signature_fn=ray_signatures(cfg))
+    result = dedup_samples(samples, cfg, text_column=text_column, earlier=earlier, signature_fn=ray_signatures(cfg))
+    failpoint("dedup")  # chaos tests: crash in the middle of curation
+    return result
+
+
+@task(name="dedup-load-against", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def load_against(cfg: DedupConfig) -> list[EarlierRows]:
+    """The signatures of the ``dedup.against`` versions (held in memory for the run)."""
+    return [load_earlier(uri, cfg) for uri in cfg.against]
+
+
+@task(name="dedup", cache_policy=NO_CACHE)
+def dedup_duplicates(spilled: ExternalDedup) -> StageCount:
+    """Find the exact and near duplicates among the spilled shards (pass it in ``quote``)."""
+    count = spilled.resolve()
+    failpoint("dedup")  # chaos tests: crash in the middle of curation
+    return count

@@ -36,3 +36,22 @@ def publish_reward(store, name, weight, examples, rejects, **kwargs) -> Publishe
         description=f"{name} {published.manifest['version']}",
     )
     return published
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_shards(store, dataset, data, rejects, **kwargs) -> Published:
+    """``publish`` for a table already written as local Parquet parts (sharded curation)."""
+    from distillery.stages.publish import publish_parts
+
+    from prefect.context import TaskRunContext
+
+    published = publish_parts(store, dataset, data, rejects, **kwargs)
+    counts = published.manifest["counts"]
+    if TaskRunContext.get() is None:  # called as a plain function (tests): no Prefect API
+        return published
+    create_markdown_artifact(
+        key="published-" + re.sub(r"[^a-z0-9-]", "-", dataset),
+        markdown=f"Published [{published.uri}]({published.uri}): {counts['published']} rows of {counts['input']} input rows.",
+        description=f"{dataset} {published.manifest['version']}",
+    )
+    return published

@@ -1,0 +1,217 @@
+"""Sharded curation (``flows.curate.curate_in_shards``) with tiny shards, without Prefect or Ray:
+the duplicates it finds across shards, its row accounting, and that it publishes what the
+in-memory stages (``ingest_rows`` -> quality -> decontaminate -> ``dedup_samples`` ->
+``publish_version``) publish for the same input."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from distillery.accounting import StageResult
+from distillery.stages import dedup_external
+from distillery.stages.decontaminate import decontaminate, load_benchmark
+from distillery.stages.dedup import dedup_samples, load_earlier, signature_params
+from distillery.stages.ingest import ingest_rows
+from distillery.stages.publish import publish_version, read_shards
+from distillery.stages.quality import quality_filter
+from distillery.store import Store
+from flows.curate import collapse_statistics, curate_in_shards, plain
+from schemas.recipe import CurateRecipe
+from tests.conftest import DATA
+
+SHARD = 50
+
+
+def _text(i: int) -> str:
+    a, b = 3 * i + 7, 5 * i + 11
+    return (
+        f"Worker {i} packs {a} boxes in the morning and {b} boxes in the afternoon of day {i}. "
+        f"Adding the two shifts gives {a} + {b} = {a + b} boxes for item {i}. The answer is {a + b}."
+    )
+
+
+def _input(tmp_path):
+    """~500 lines: clean rows, and duplicates planted across shards of 50 lines (line i is in shard i // 50)."""
+    gsm_test = json.loads((DATA / "gsm8k/test.jsonl").read_text().splitlines()[0])["question"]
+    rows = [{"id": f"clean-{i}", "completion": _text(i)} for i in range(480)]
+    planted = {
+        # line: row
+        60: {"id": "exact-of-3", "completion": _text(3).upper()},  # shard 1, of shard 0
+        70: {"id": "exact-of-3-again", "completion": "  " + _text(3).replace(".", " .")},  # shard 1, same text once normalized
+        130: {"id": "near-of-1", "completion": _text(1) + " Indeed"},  # shard 2, of shard 0
+        210: {"id": "near-of-near", "completion": _text(1) + " Indeed, it is so"},  # chains to near-of-1 (cluster of clean-1)
+        250: {"id": "exact-of-250s-neighbour", "completion": _text(251)},  # same shard as its original, before it
+        320: {"id": "leak", "completion": "Please answer: " + gsm_test},
+        330: {"id": "too-short", "completion": "42"},
+        340: {"id": "loop", "completion": "Step 1: add 1 (sticks)\n" * 40},
+        490: {"id": "near-of-10-last-shard", "completion": "So, " + _text(10)},  # last shard, of shard 0
+    }
+    lines = [json.dumps(r) for r in rows]
+    for line, row in sorted(planted.items()):
+        lines.insert(line, json.dumps(row))
+    lines.insert(400, "{broken json")
+    lines.insert(410, json.dumps({"id": "no-text"}))
+    lines.insert(420, json.dumps({"id": "clean-5", "completion": "a repeated id " + _text(999)}))
+    path = tmp_path / "input.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, len(lines)
+
+
+def _recipe(**dedup):
+    return CurateRecipe.model_validate(
+        {
+            "name": "demo",
+            "id_column": "id",
+            "quality": {"require_final_answer": False},
+            "decontaminate": {"benchmarks": [{"name": "gsm8k-test", "path": str(DATA / "gsm8k/test.jsonl"), "fields": ["question"]}]},
+            "dedup": {"threshold": 0.8, **dedup},
+            "publish": {"shard_rows": 64},
+        }
+    )
+
+
+def _streamed(recipe, path, store):
+    published, stages, _, _ = curate_in_shards(recipe, str(path), str(store), "test-run", shard_rows=SHARD, task=plain)
+    return published
+
+
+def _in_memory(recipe, path, store):
+    """What the flow did before sharding: every stage on the whole input at once."""
+    text = recipe.text_column
+    ingested = ingest_rows(str(path), text_column=text, id_column=recipe.id_column)
+    results = [quality_filter(ingested.kept, recipe.quality.model_copy(update={"column": text}))]
+    results.append(decontaminate(results[-1].kept, [load_benchmark(b) for b in recipe.decontaminate.benchmarks], recipe.decontaminate))
+    earlier = [load_earlier(uri, recipe.dedup) for uri in recipe.dedup.against]
+    current = results[-1].kept
+    results.append(dedup_samples(current, recipe.dedup, text_column=text, earlier=earlier) if current.height else StageResult.empty("dedup"))
+    final = results[-1]
+    stats = {"collapse": collapse_statistics(final.kept[text].to_list(), ingested.kept[text].to_list(), recipe.collapse)}
+    stats["contamination_hits"] = results[1].meta["contamination_hits"]
+    stats["dedup_against"] = final.meta["against"]
+    return publish_version(
+        Store(str(store)),
+        "demo",
+        final.kept,
+        pl.concat([ingested.rejects, *[r.rejects for r in results]]),
+        input_rows=ingested.count.rows_in,
+        stages=[ingested.count, *[r.count for r in results]],
+        run_id="test-run",
+        shard_rows=recipe.publish.shard_rows,
+        contract="curated",
+        signatures=final.meta["signatures"],
+        signature_params=signature_params(recipe.dedup),
+        metadata={"stats": stats},
+    )
+
+
+def _assert_same_version(streamed, reference):
+    a, b = streamed.manifest, reference.manifest
+    assert a["counts"] == b["counts"]
+    assert a["shards"] == b["shards"]  # same parts, byte for byte (sha256)
+    assert a["signatures"] == b["signatures"]
+    assert a["stats"]["collapse"] == b["stats"]["collapse"]
+    assert a["stats"]["contamination_hits"] == b["stats"]["contamination_hits"]
+    assert a["stats"]["dedup_against"] == b["stats"]["dedup_against"]
+    store_a, store_b = Store(streamed.uri.rsplit("/", 2)[0]), Store(reference.uri.rsplit("/", 2)[0])
+    assert read_shards(store_a, a).equals(read_shards(store_b, b))
+    assert read_shards(store_a, a, "reject_shards").equals(read_shards(store_b, b, "reject_shards"))
+
+
+def test_sharded_curation_finds_duplicates_across_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(dedup_external, "DEFAULT_BUCKET_BYTES", 4096)  # forces the split of over-budget buckets
+    path, n_lines = _input(tmp_path)
+    published = _streamed(_recipe(), path, tmp_path / "store")
+    manifest = published.manifest
+    stages = {s["stage"]: s for s in manifest["counts"]["stages"]}
+    assert list(stages) == ["ingest", "quality", "decontaminate", "dedup"]
+    assert manifest["counts"]["input"] == n_lines
+    for s in stages.values():
+        assert s["rows_out"] == s["rows_in"] * s["fanout"] - sum(s["dropped"].values())
+    assert stages["ingest"]["dropped"] == {"invalid_json": 1, "missing_field": 1, "duplicate_id": 1}
+    assert stages["quality"]["dropped"] == {"too_short": 1, "repetitive": 1}
+    assert stages["decontaminate"]["dropped"] == {"contaminated": 1}
+    assert stages["dedup"]["dropped"] == {"exact_duplicate": 3, "near_duplicate": 3}
+    assert manifest["counts"]["published"] == 480  # clean-251 left, its copy on the line before it stayed
+    store = Store(str(tmp_path / "store"))
+    rejects = read_shards(store, manifest, "reject_shards").filter(pl.col("stage") == "dedup")
+    got = dict(zip(rejects["sample_id"], zip(rejects["reason"], rejects["detail"], strict=True), strict=True))
+    assert got["exact-of-3"] == ("exact_duplicate", "duplicates sample clean-3")
+    assert got["exact-of-3-again"] == ("exact_duplicate", "duplicates sample clean-3")
+    assert got["clean-251"] == ("exact_duplicate", "duplicates sample exact-of-250s-neighbour")
+    assert got["near-of-1"][0] == "near_duplicate" and got["near-of-1"][1].startswith("duplicates sample clean-1 (J~")
+    assert got["near-of-near"][0] == "near_duplicate" and got["near-of-near"][1].startswith("duplicates sample clean-1 (J~")
+    assert got["near-of-10-last-shard"][0] == "near_duplicate" and "clean-10" in got["near-of-10-last-shard"][1]
+    data = read_shards(store, manifest)
+    assert data.height == 480 and data["sample_id"].n_unique() == 480
+    assert "clean-251" not in set(data["sample_id"]) and "exact-of-250s-neighbour" in set(data["sample_id"])
+    assert [s["rows"] for s in manifest["shards"]] == [64] * 7 + [480 - 7 * 64]
+    sigs = read_shards(store, manifest, "signatures")
+    assert sigs["sample_id"].to_list() == data["sample_id"].to_list()
+    assert len(list((tmp_path / "store" / "demo").iterdir())) == 1  # one version, and no spill left in the store
+
+
+@pytest.mark.parametrize("verify", ["exact", "signature"])
+def test_sharded_curation_publishes_what_the_in_memory_stages_publish(tmp_path, verify):
+    path, _ = _input(tmp_path)
+    recipe = _recipe(verify_candidates=verify)
+    streamed = _streamed(recipe, path, tmp_path / "a")
+    reference = _in_memory(recipe, path, tmp_path / "b")
+    assert reference.manifest["counts"]["stages"][-1]["dropped"]  # the comparison covers real duplicates
+    _assert_same_version(streamed, reference)
+
+    # Against the first version: only new rows survive, the others are duplicate_of_earlier.
+    second = tmp_path / "second.jsonl"
+    rows = [{"id": f"again-{i}", "completion": _text(i) + (" Indeed" if i % 2 else "")} for i in range(0, 200, 7)]
+    rows += [{"id": f"new-{i}", "completion": _text(i)} for i in range(5000, 5010)]
+    second.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    again = _streamed(_recipe(verify_candidates=verify, against=[str(tmp_path / "a" / "demo")]), second, tmp_path / "a")
+    again_ref = _in_memory(_recipe(verify_candidates=verify, against=[str(tmp_path / "b" / "demo")]), second, tmp_path / "b")
+    dropped = again.manifest["counts"]["stages"][-1]["dropped"]
+    assert dropped == {"duplicate_of_earlier": len(rows) - 10}
+    a, b = again.manifest, again_ref.manifest
+    assert a["counts"] == b["counts"] and a["shards"] == b["shards"]
+    rejects_a = read_shards(Store(str(tmp_path / "a")), a, "reject_shards")
+    rejects_b = read_shards(Store(str(tmp_path / "b")), b, "reject_shards")
+    assert rejects_a.drop("detail").equals(rejects_b.drop("detail"))
+    # details name the version they duplicate: the same but for the store's path
+    assert rejects_a["detail"].str.replace(str(tmp_path / "a"), "S", literal=True).equals(rejects_b["detail"].str.replace(str(tmp_path / "b"), "S", literal=True))
+
+
+@pytest.mark.parametrize("priority", [False, True])
+def test_external_dedup_matches_dedup_samples_on_random_near_duplicates(tmp_path, priority):
+    """Many clusters (chains included), several shards, tiny buckets: the same drops as in memory;
+    with ``correct``/``reward`` columns, the same keep policy (the rows come back in input order)."""
+    rng = np.random.default_rng(0)
+    vocab = [f"w{k}" for k in range(3000)]
+    base = [" ".join(rng.choice(vocab, size=30)) for _ in range(300)]
+    texts = []
+    for i in range(900):
+        words = base[rng.integers(0, 300)].split() if i % 3 else base[i // 3].split()
+        for _ in range(rng.integers(0, 3)):  # 0-2 substitutions: J from 1.0 down to ~0.6
+            words[rng.integers(0, 30)] = str(rng.choice(vocab))
+        texts.append(" ".join(words))
+    rows = pl.DataFrame({"sample_id": [f"s{i}" for i in range(900)], "completion": texts})
+    if priority:
+        rows = rows.with_columns(correct=pl.Series(rng.random(900) < 0.5), reward=pl.Series(np.round(rng.random(900), 1)))
+    cfg = _recipe().dedup
+    reference = dedup_samples(rows, cfg, text_column="completion")
+    from distillery import minhash
+
+    spilled = dedup_external.ExternalDedup(cfg, "completion", tmp_path / "spill", bucket_bytes=2048)
+    for start in range(0, 900, 128):
+        part = rows.slice(start, 128)
+        spilled.add_shard(part, minhash.signatures(part["completion"]))
+    count = spilled.resolve()
+    rejects = pl.concat([spilled.split(k)[1] for k in range(len(spilled.shards))])
+    spilled.close()
+    assert not (tmp_path / "spill").exists()
+    assert count == reference.count and count.dropped["near_duplicate"] > 20 and count.dropped["exact_duplicate"] > 50
+    if priority:
+        rejects, reference_rejects = rejects.sort("sample_id"), reference.rejects.sort("sample_id")
+    else:
+        reference_rejects = reference.rejects
+    assert rejects.equals(reference_rejects)
+    if priority:  # the policy mattered: in input order, other rows would have been kept
+        assert set(rejects["sample_id"]) != set(dedup_samples(rows.drop("correct", "reward"), cfg, text_column="completion").rejects["sample_id"])
