@@ -137,6 +137,18 @@ class StageResult:
         return StageResult(stage, kept, rejects, StageCount(stage, n_in, kept.height, fanout, counts).check())
 
     @staticmethod
+    def from_reasons(
+        stage: str, rows: pl.DataFrame, reasons: list[str | None], details: list[str | None], *, rows_in: int, fanout: int = 1
+    ) -> StageResult:
+        """Keep the rows whose reason is None; the others become rejects with their reason and detail
+        (for stages that decide row by row in Python, e.g. on a model's answers)."""
+        failed = pl.Series([r is not None for r in reasons], dtype=pl.Boolean)
+        dropped = [(r, d) for r, d in zip(reasons, details, strict=True) if r is not None]
+        rejects = rows_to_rejects(stage, rows.filter(failed), [r for r, _ in dropped], [d for _, d in dropped]) if dropped else empty_rejects()
+        kept = rows.filter(~failed) if rows.height else rows
+        return StageResult(stage, kept, rejects, StageCount(stage, rows_in, kept.height, fanout, dict(Counter(r for r, _ in dropped))).check())
+
+    @staticmethod
     def empty(stage: str, fanout: int = 1) -> StageResult:
         """A stage that received no rows (all were dropped upstream)."""
         return StageResult(stage, pl.DataFrame(), empty_rejects(), StageCount(stage, 0, 0, fanout))

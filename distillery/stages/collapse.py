@@ -88,9 +88,21 @@ def collapse_report(output_texts: Iterable[str | None], seed_texts: Iterable[str
     is not among ``cfg.ngram_sizes``): ``top_k_share`` must not exceed ``cfg.max_top_k_share`` and
     ``distinct_n`` must not fall below ``cfg.min_distinct_2``; a threshold of None is not checked.
     """
-    sizes = sorted(set(cfg.ngram_sizes) | {GATE_NGRAM})
+    sizes = report_sizes(cfg)
     output = ngram_statistics(output_texts, ngram_sizes=sizes, top_k=cfg.top_k)
     seeds = ngram_statistics(seed_texts, ngram_sizes=sizes, top_k=cfg.top_k)
+    return report_from_statistics(output, seeds, cfg)
+
+
+def report_sizes(cfg: CollapseConfig) -> list[int]:
+    """The n-gram sizes a report counts: the recipe's, and the gate's 2-grams."""
+    return sorted(set(cfg.ngram_sizes) | {GATE_NGRAM})
+
+
+def report_from_statistics(output: dict, seeds: dict, cfg: CollapseConfig) -> dict:
+    """The report (ratios and the gate's verdict) from the output's and the seeds' statistics,
+    however they were counted (in memory here; spilled to disk in ``collapse_external``)."""
+    sizes = report_sizes(cfg)
     ratio: dict[str, float | None] = {}
     for n in sizes:
         ratio[f"distinct_{n}"] = _ratio(output[f"n{n}"]["distinct_n"], seeds[f"n{n}"]["distinct_n"])

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from distillery.stages.collapse import GATE_NGRAM, TOP_SHOWN, _ratio
+from distillery.stages.collapse import TOP_SHOWN, report_from_statistics, report_sizes
 from distillery.stages.dedup import normalize_text
 from distillery.stages.dedup_external import read_buckets, spill_by_bucket
 from schemas.recipe import CollapseConfig
@@ -142,17 +142,7 @@ def _grams_at(texts: Iterable[str | None], positions: dict[int, np.ndarray]) -> 
 
 def collapse_report_sharded(output_texts: Callable[[], Iterator[str]], seed_texts: Callable[[], Iterator[str]], cfg: CollapseConfig, workdir: Path) -> dict:
     """``collapse.collapse_report`` (same report, same gate) for corpora too large to count in memory."""
-    sizes = sorted(set(cfg.ngram_sizes) | {GATE_NGRAM})
+    sizes = report_sizes(cfg)
     output = ngram_statistics_sharded(output_texts, workdir / "output", ngram_sizes=sizes, top_k=cfg.top_k)
     seeds = ngram_statistics_sharded(seed_texts, workdir / "seeds", ngram_sizes=sizes, top_k=cfg.top_k)
-    ratio: dict[str, float | None] = {}
-    for n in sizes:
-        ratio[f"distinct_{n}"] = _ratio(output[f"n{n}"]["distinct_n"], seeds[f"n{n}"]["distinct_n"])
-        ratio[f"top_k_share_{n}"] = _ratio(output[f"n{n}"]["top_k_share"], seeds[f"n{n}"]["top_k_share"])
-    gate_stats = output[f"n{GATE_NGRAM}"]
-    violations: list[str] = []
-    if cfg.max_top_k_share is not None and gate_stats["top_k_share"] > cfg.max_top_k_share:
-        violations.append(f"output top-{cfg.top_k} 2-gram share {gate_stats['top_k_share']:.4f} > max_top_k_share {cfg.max_top_k_share}")
-    if cfg.min_distinct_2 is not None and gate_stats["distinct_n"] < cfg.min_distinct_2:
-        violations.append(f"output distinct-2 {gate_stats['distinct_n']:.4f} < min_distinct_2 {cfg.min_distinct_2}")
-    return {"output": output, "seeds": seeds, "ratio": ratio, "gate": {"passed": not violations, "violations": violations}}
+    return report_from_statistics(output, seeds, cfg)

@@ -26,12 +26,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-from collections import Counter
 from typing import Any
 
 import polars as pl
 
-from distillery.accounting import StageCount, StageResult, rows_to_rejects
+from distillery.accounting import StageResult
 from distillery.prompts import load_template
 
 DEPTH = ("add_constraints", "deepen", "concretize", "more_reasoning")
@@ -144,10 +143,4 @@ def evolve_round(
         reasons.append(reason)
         details.append(result.get("error") or (f"similarity {similarity(parent['question'], child):.2f}" if reason == "no_change" else None))
     frame = pl.DataFrame(rows, schema_overrides={"reference_answer": pl.Utf8, "source": pl.Utf8, "evol_round": pl.Int64})
-    failed = pl.Series([r is not None for r in reasons])
-    dropped = [(r, d) for r, d in zip(reasons, details, strict=True) if r is not None]
-    stage = f"evolve-{round_no}"  # one stage per round in the manifest
-    rejects = rows_to_rejects(stage, frame.filter(failed), [r for r, _ in dropped], [d for _, d in dropped])
-    kept = frame.filter(~failed)
-    count = StageCount(stage, parents.height, kept.height, 1, dict(Counter(r for r, _ in dropped))).check()
-    return StageResult(stage, kept, rejects, count)
+    return StageResult.from_reasons(f"evolve-{round_no}", frame, reasons, details, rows_in=parents.height)  # one stage per round

@@ -29,7 +29,7 @@ import yaml
 
 from distillery.accounting import StageCount, StageResult, rows_to_rejects
 from distillery.prompts import load_template
-from distillery.stages.self_instruct import parse_task
+from distillery.stages.self_instruct import parse_task, text_problem
 
 _ITEM = re.compile(r"^\s*(?:[-*•]|\(?\d+[.):])\s*")
 
@@ -176,18 +176,8 @@ def questions(
         text = parse_task(result.get("completion"))
         key = " ".join(text.lower().split())
         row_id = f"{session['seed_id']}/q{request['question_index']}"
-        if result.get("error"):
-            reason = "generation_error"
-        elif not text:
-            reason = "empty"
-        elif len(text) < min_chars:
-            reason = "too_short"
-        elif len(text) > max_chars:
-            reason = "too_long"
-        elif key in seen:
-            reason = "duplicate"
-        else:
-            reason = None
+        reason = text_problem(result, text, min_chars=min_chars, max_chars=max_chars) or ("duplicate" if key in seen else None)
+        if reason is None:
             seen[key] = row_id
         rows.append(
             {
@@ -203,11 +193,7 @@ def questions(
         reasons.append(reason)
         details.append(result.get("error") or (f"the same as {seen[key]}" if reason == "duplicate" else None))
     frame = pl.DataFrame(rows, schema_overrides={"reference_answer": pl.Utf8})
-    failed = pl.Series([r is not None for r in reasons], dtype=pl.Boolean)
-    dropped = [(r, d) for r, d in zip(reasons, details, strict=True) if r is not None]
-    rejects = rows_to_rejects("questions", frame.filter(failed), [r for r, _ in dropped], [d for _, d in dropped])
-    count = StageCount("questions", sessions.height, int((~failed).sum()), per_session, dict(Counter(r for r, _ in dropped))).check()
-    return StageResult("questions", frame.filter(~failed), rejects, count)
+    return StageResult.from_reasons("questions", frame, reasons, details, rows_in=sessions.height, fanout=per_session)
 
 
 def coverage(subjects: pl.DataFrame, sessions: pl.DataFrame, problems: pl.DataFrame, published: pl.DataFrame) -> dict[str, dict[str, Any]]:

@@ -150,6 +150,19 @@ def preflight_input(uri: str) -> None:
         raise EmptyInput(f"{uri}: {_why_empty(b'' if size == 0 else b' ', 'jsonl')}")
 
 
+def check_row(value: Any, row_number: int, text_column: str, id_column: str | None) -> tuple[str, dict]:
+    """One input row -> ``(sample_id, row)``, or :class:`_Bad` with the reason (``ingest_rows``' checks)."""
+    if isinstance(value, _Bad):
+        raise value
+    if not isinstance(value, dict):
+        raise _Bad("not_an_object", f"expected a JSON object, got {type(value).__name__}")
+    text = _field(value, text_column)
+    if not isinstance(text, str):
+        raise _Bad("wrong_type", f"field '{text_column}': expected string, got {type(text).__name__}")
+    sample_id = str(_field(value, id_column)) if id_column else str(value.get("sample_id") or f"row-{row_number:09d}")
+    return sample_id, {**value, "sample_id": sample_id}
+
+
 def ingest_rows(uri: str, *, text_column: str, id_column: str | None = None, fmt: str = "auto", max_row_bytes: int | None = DEFAULT_MAX_ROW_BYTES) -> StageResult:
     """Ingest an existing data set for curation: any columns, but ``text_column`` must be a string.
 
@@ -175,21 +188,14 @@ def ingest_rows(uri: str, *, text_column: str, id_column: str | None = None, fmt
     for row_number, value, raw in records:
         n_in += 1
         try:
-            if isinstance(value, _Bad):
-                raise value
-            if not isinstance(value, dict):
-                raise _Bad("not_an_object", f"expected a JSON object, got {type(value).__name__}")
-            text = _field(value, text_column)
-            if not isinstance(text, str):
-                raise _Bad("wrong_type", f"field '{text_column}': expected string, got {type(text).__name__}")
-            sample_id = str(_field(value, id_column)) if id_column else str(value.get("sample_id") or f"row-{row_number:09d}")
+            sample_id, row = check_row(value, row_number, text_column, id_column)
             if sample_id in seen:
                 raise _Bad("duplicate_id", f"id {sample_id} repeats")
         except _Bad as bad:
             rejects.append({"stage": "ingest", "reason": bad.reason, "detail": bad.detail, "seed_id": None, "sample_id": None, "record": raw})
             continue
         seen.add(sample_id)
-        rows.append({**value, "sample_id": sample_id})
+        rows.append(row)
     parent["rows"] = n_in
     kept = pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame({"sample_id": [], text_column: []}, schema={"sample_id": pl.Utf8, text_column: pl.Utf8})
     dropped = dict(Counter(r["reason"] for r in rejects))

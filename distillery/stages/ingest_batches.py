@@ -31,7 +31,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from distillery.accounting import REJECT_SCHEMA, StageCount, StageResult
-from distillery.stages.ingest import DEFAULT_MAX_ROW_BYTES, EmptyInput, _Bad, _field, _why_empty, parse_jsonl_line
+from distillery.stages.ingest import DEFAULT_MAX_ROW_BYTES, EmptyInput, _Bad, _why_empty, check_row, parse_jsonl_line
 
 DEFAULT_BATCH_ROWS = 100_000
 _ID_HASH_SEED = 7
@@ -59,19 +59,6 @@ class _HashingReader(io.RawIOBase):
         if n:
             self.sha256.update(memoryview(buffer)[:n])
         return n
-
-
-def check_row(value: Any, row_number: int, text_column: str, id_column: str | None) -> tuple[str, dict]:
-    """One input row -> ``(sample_id, row)``, or :class:`_Bad` with the reason (``ingest_rows``' checks)."""
-    if isinstance(value, _Bad):
-        raise value
-    if not isinstance(value, dict):
-        raise _Bad("not_an_object", f"expected a JSON object, got {type(value).__name__}")
-    text = _field(value, text_column)
-    if not isinstance(text, str):
-        raise _Bad("wrong_type", f"field '{text_column}': expected string, got {type(text).__name__}")
-    sample_id = str(_field(value, id_column)) if id_column else str(value.get("sample_id") or f"row-{row_number:09d}")
-    return sample_id, {**value, "sample_id": sample_id}
 
 
 class IngestBatches:

@@ -21,13 +21,12 @@ Two steps, plain functions around whatever generates text:
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from functools import lru_cache
 from typing import Any
 
 import polars as pl
 
-from distillery.accounting import StageCount, StageResult, rows_to_rejects
+from distillery.accounting import StageResult
 from distillery.prompts import load_template
 from distillery.stages.verify import answers_match, extract_answer, normalize_answer
 
@@ -84,6 +83,18 @@ def parse_task(text: str | None) -> str:
     return text.split("\n\n", 1)[0].strip()
 
 
+def text_problem(result: dict[str, Any], text: str, *, min_chars: int, max_chars: int) -> str | None:
+    """Why a model's new text cannot be used at all (``generation_error``, ``empty``,
+    ``too_short``, ``too_long``), or None."""
+    if result.get("error"):
+        return "generation_error"
+    if not text:
+        return "empty"
+    if len(text) < min_chars:
+        return "too_short"
+    return "too_long" if len(text) > max_chars else None
+
+
 def new_tasks(
     pool: pl.DataFrame,
     requests: list[dict[str, Any]],
@@ -104,18 +115,7 @@ def new_tasks(
     for request, result in zip(requests, results, strict=True):
         task = parse_task(result.get("completion"))
         nearest, score = max(((sid, rouge_l(text, task)) for sid, text in compared), key=lambda p: p[1], default=(None, 0.0)) if task else (None, 0.0)
-        if result.get("error"):
-            reason = "generation_error"
-        elif not task:
-            reason = "empty"
-        elif len(task) < min_chars:
-            reason = "too_short"
-        elif len(task) > max_chars:
-            reason = "too_long"
-        elif score >= max_similarity:
-            reason = "too_similar"
-        else:
-            reason = None
+        reason = text_problem(result, task, min_chars=min_chars, max_chars=max_chars) or ("too_similar" if score >= max_similarity else None)
         row_id = f"{request['seed_id']}.si{request['task_index']}"
         rows.append(
             {
@@ -135,7 +135,7 @@ def new_tasks(
         if reason is None:
             compared.append((row_id, task))
     frame = pl.DataFrame(rows, schema_overrides={"reference_answer": pl.Utf8, "nearest_id": pl.Utf8, "rouge_l": pl.Float64})
-    return _split("self-instruct", frame, reasons, details, rows_in=pool.height, fanout=per_seed)
+    return StageResult.from_reasons("self-instruct", frame, reasons, details, rows_in=pool.height, fanout=per_seed)
 
 
 def solve_requests(tasks: pl.DataFrame, members: list[dict[str, float]], *, run_seed: int) -> list[list[dict[str, Any]]]:
@@ -187,13 +187,4 @@ def agreement(tasks: pl.DataFrame, results_by_member: list[list[dict[str, Any]]]
         reasons.append(reason)
         details.append(f"{votes} of {members} members agree on {answer!r}; answers {answers}" if reason else None)
     frame = pl.DataFrame(rows, schema_overrides={"reference_answer": pl.Utf8, "member_answers": pl.List(pl.Utf8), "member_agreement": pl.Float64})
-    return _split("agreement", frame, reasons, details, rows_in=tasks.height, fanout=1)
-
-
-def _split(stage: str, frame: pl.DataFrame, reasons: list[str | None], details: list[str | None], *, rows_in: int, fanout: int) -> StageResult:
-    failed = pl.Series([r is not None for r in reasons], dtype=pl.Boolean)
-    dropped = [(r, d) for r, d in zip(reasons, details, strict=True) if r is not None]
-    rejects = rows_to_rejects(stage, frame.filter(failed), [r for r, _ in dropped], [d for _, d in dropped])
-    kept = frame.filter(~failed) if frame.height else frame
-    count = StageCount(stage, rows_in, kept.height, fanout, dict(Counter(r for r, _ in dropped))).check()
-    return StageResult(stage, kept, rejects, count)
+    return StageResult.from_reasons("agreement", frame, reasons, details, rows_in=tasks.height)

@@ -11,26 +11,19 @@ the first problem's samples easy and the second's hard. Everything else is the r
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import polars as pl
 import pytest
 
 from distillery.engine import SamplingSettings
-from distillery.generation_cache import render, request_key
-from distillery.model_setup import model_identity, resolve_model_path
 from distillery.prompts import load_template
 from distillery.stages.difficulty import variant_requests
 from distillery.stages.ingest import ingest_seeds
 from distillery.stages.self_instruct import solve_requests
 from distillery.stages.synthesize import build_requests
-from distillery.store import Store
 from schemas.recipe import load_recipe
+from tests.flows.strategy_helpers import ROOT, Planter, check_stages, run_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 SETS = ["seeds.builtin.count=5", "difficulty.solve_max_tokens=96", "generation.samples_per_problem=2", "generation.max_tokens=96", "quality.drop_truncated=false"]
 
@@ -39,13 +32,7 @@ def test_difficulty_recipe_end_to_end(tmp_path):
     store = tmp_path / "store"
     recipe = load_recipe(ROOT / "recipes/difficulty.yaml", overrides=SETS)
     cfg, gen, seed = recipe.difficulty, recipe.generation, recipe.generation.seed
-    model_dir = resolve_model_path(recipe.model.path)
-    model = {"sha256": model_identity(model_dir)["sha256"], "dtype": recipe.engine.dtype}
-    cache = Store(str(store))
-
-    def plant(request, sampling, completion):
-        key = request_key(model, render(str(model_dir), request["messages"]), sampling, request["sampling_seed"])
-        cache.put(f"_cache/generation/{key[:2]}/{key}.json", json.dumps({"completion": completion, "finish_reason": "stop", "num_tokens": 12, "prompt_tokens": 40}).encode())
+    plant = Planter(store, recipe).plant
 
     seeds = ingest_seeds(recipe.seeds).kept
     easy, hard = seeds.row(0, named=True), seeds.row(1, named=True)
@@ -64,21 +51,9 @@ def test_difficulty_recipe_end_to_end(tmp_path):
     for member, requests, text in zip(cfg.members, solve_requests(harder, [m.model_dump() for m in cfg.members], run_seed=seed), member_answers, strict=True):
         plant(requests[0], SamplingSettings(member.temperature, member.top_p, cfg.solve_max_tokens), text)
 
-    cmd = [sys.executable, "-m", "distillery.cli", "run", "recipes/difficulty.yaml", "--store", str(store)]
-    for s in SETS:
-        cmd += ["--set", s]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    uri = Path(out.stdout.strip().splitlines()[-1])
-    manifest = json.loads((uri / "manifest.json").read_text())
+    uri, manifest = run_recipe(tmp_path, "recipes/difficulty.yaml", store, SETS)
 
-    stages = manifest["counts"]["stages"]
-    assert [s["stage"] for s in stages[:5]] == ["ingest", "probe", "retarget", "agreement", "synthesize"]
-    for s in stages:
-        assert s["rows_out"] == s["rows_in"] * s["fanout"] - sum(s["dropped"].values())
-    for before, after in zip(stages, stages[1:]):
-        assert before["rows_out"] == after["rows_in"]
+    stages = check_stages(manifest, ["ingest", "probe", "retarget", "agreement", "synthesize"])
     retargeted = stages[2]
     assert (retargeted["rows_in"], retargeted["fanout"]) == (5, 2) and retargeted["dropped"]["no_change"] >= 1
 

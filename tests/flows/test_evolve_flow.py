@@ -10,38 +10,28 @@ Every other request, and every solution sampled, comes from the real engine. Slo
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from distillery.engine import SamplingSettings
-from distillery.generation_cache import render, request_key
-from distillery.model_setup import model_identity, resolve_model_path
 from distillery.stages.evolve import evolution_requests, load_template
 from distillery.stages.ingest import ingest_seeds
-from distillery.store import Store
 from schemas.recipe import load_recipe
+from tests.flows.strategy_helpers import ROOT, Planter, check_stages, run_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 SETS = ["seeds.builtin.count=5", "evolve.max_tokens=96", "generation.samples_per_problem=2", "generation.max_tokens=96", "quality.drop_truncated=false"]
 
 
 def _plant(store: Path, recipe, requests: list[dict], answers: dict[str, str]) -> None:
     """Put ``answers`` (seed_id -> the rewrite) in the cache under the keys of ``requests``."""
-    model_dir = resolve_model_path(recipe.model.path)
-    model = {"sha256": model_identity(model_dir)["sha256"], "dtype": recipe.engine.dtype}
+    planter = Planter(store, recipe)
     sampling = SamplingSettings(recipe.evolve.temperature, recipe.evolve.top_p, recipe.evolve.max_tokens)
-    cache = Store(str(store))
     for request in requests:
         if request["seed_id"] in answers:
-            key = request_key(model, render(str(model_dir), request["messages"]), sampling, request["sampling_seed"])
-            entry = {"completion": answers[request["seed_id"]], "finish_reason": "stop", "num_tokens": 20, "prompt_tokens": 100}
-            cache.put(f"_cache/generation/{key[:2]}/{key}.json", json.dumps(entry).encode())
+            planter.plant(request, sampling, answers[request["seed_id"]])
 
 
 def test_evol_instruct_recipe_end_to_end(tmp_path):
@@ -63,22 +53,10 @@ def test_evol_instruct_recipe_end_to_end(tmp_path):
     harder = "A shop sells pencils in boxes of 12. Lena buys 7 boxes, gives away 19 pencils and then buys 5 more. How many pencils does she have?"
     _plant(store, recipe, second, {f"{a}.e1": harder})
 
-    cmd = [sys.executable, "-m", "distillery.cli", "run", "recipes/evol-instruct.yaml", "--store", str(store)]
-    for s in SETS:
-        cmd += ["--set", s]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    uri = Path(out.stdout.strip().splitlines()[-1])
-    manifest = json.loads((uri / "manifest.json").read_text())
+    uri, manifest = run_recipe(tmp_path, "recipes/evol-instruct.yaml", store, SETS)
 
     # row accounting: ingest -> evolve-1 -> evolve-2 -> synthesize (fanout 2) -> ...
-    stages = manifest["counts"]["stages"]
-    assert [s["stage"] for s in stages[:4]] == ["ingest", "evolve-1", "evolve-2", "synthesize"]
-    for s in stages:
-        assert s["rows_out"] == s["rows_in"] * s["fanout"] - sum(s["dropped"].values())
-    for before, after in zip(stages, stages[1:]):
-        assert before["rows_out"] == after["rows_in"]
+    stages = check_stages(manifest, ["ingest", "evolve-1", "evolve-2", "synthesize"])
     round1, round2 = stages[1], stages[2]
     assert round1["rows_in"] == 5 and round1["rows_out"] <= 2
     assert round2["rows_in"] == round1["rows_out"] and round2["rows_out"] >= 1  # the planted good rewrite

@@ -10,23 +10,16 @@ taxonomy node in the manifest and the card. Every other request comes from the r
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import polars as pl
 import pytest
 
 from distillery.engine import SamplingSettings
-from distillery.generation_cache import render, request_key
-from distillery.model_setup import model_identity, resolve_model_path
 from distillery.prompts import load_template
 from distillery.stages.glan import ingest_taxonomy, question_requests, syllabus, syllabus_requests
-from distillery.store import Store
 from schemas.recipe import load_recipe
+from tests.flows.strategy_helpers import ROOT, Planter, check_stages, run_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 SETS = [
     "glan.sessions=2",
@@ -44,13 +37,7 @@ def test_glan_recipe_end_to_end(tmp_path):
     store = tmp_path / "store"
     recipe = load_recipe(ROOT / "recipes/glan.yaml", overrides=SETS)
     cfg, seed = recipe.glan, recipe.generation.seed
-    model_dir = resolve_model_path(recipe.model.path)
-    model = {"sha256": model_identity(model_dir)["sha256"], "dtype": recipe.engine.dtype}
-    cache = Store(str(store))
-
-    def plant(request, sampling, completion):
-        key = request_key(model, render(str(model_dir), request["messages"]), sampling, request["sampling_seed"])
-        cache.put(f"_cache/generation/{key[:2]}/{key}.json", json.dumps({"completion": completion, "finish_reason": "stop", "num_tokens": 20, "prompt_tokens": 99}).encode())
+    plant = Planter(store, recipe).plant
 
     subjects = ingest_taxonomy(str(ROOT / cfg.taxonomy)).kept
     first, second = subjects["seed_id"][0], subjects["seed_id"][1]
@@ -63,21 +50,9 @@ def test_glan_recipe_end_to_end(tmp_path):
     for request in question_requests(planned.kept, per_session=cfg.per_session, run_seed=seed):
         plant(request, ask, f"Problem: {PROBLEM}")  # both sessions: the second is a duplicate
 
-    cmd = [sys.executable, "-m", "distillery.cli", "run", "recipes/glan.yaml", "--store", str(store)]
-    for s in SETS:
-        cmd += ["--set", s]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    uri = Path(out.stdout.strip().splitlines()[-1])
-    manifest = json.loads((uri / "manifest.json").read_text())
+    uri, manifest = run_recipe(tmp_path, "recipes/glan.yaml", store, SETS)
 
-    stages = manifest["counts"]["stages"]
-    assert [s["stage"] for s in stages[:4]] == ["ingest", "syllabus", "questions", "synthesize"]
-    for s in stages:
-        assert s["rows_out"] == s["rows_in"] * s["fanout"] - sum(s["dropped"].values())
-    for before, after in zip(stages, stages[1:]):
-        assert before["rows_out"] == after["rows_in"]
+    stages = check_stages(manifest, ["ingest", "syllabus", "questions", "synthesize"])
     assert (stages[1]["rows_in"], stages[1]["fanout"]) == (subjects.height, 2) and stages[1]["dropped"]["short_syllabus"] >= 1
 
     rejects = pl.read_parquet(uri / "rejects")

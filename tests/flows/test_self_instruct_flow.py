@@ -10,24 +10,17 @@ reference, and sample and verify it. Every other request comes from the real eng
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import polars as pl
 import pytest
 
 from distillery.engine import SamplingSettings
-from distillery.generation_cache import render, request_key
-from distillery.model_setup import model_identity, resolve_model_path
 from distillery.prompts import load_template
 from distillery.stages.ingest import ingest_seeds
 from distillery.stages.self_instruct import solve_requests, task_requests
-from distillery.store import Store
 from schemas.recipe import load_recipe
+from tests.flows.strategy_helpers import ROOT, Planter, check_stages, run_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 SETS = [
     "seeds.builtin.count=4",
@@ -38,18 +31,6 @@ SETS = [
     "quality.drop_truncated=false",
 ]
 FRESH = "A baker makes 24 muffins and packs them in bags of 3. How many bags does the baker fill?"
-
-
-class Planter:
-    def __init__(self, store: Path, recipe) -> None:
-        self.model_dir = resolve_model_path(recipe.model.path)
-        self.model = {"sha256": model_identity(self.model_dir)["sha256"], "dtype": recipe.engine.dtype}
-        self.store = Store(str(store))
-
-    def plant(self, request: dict, sampling: SamplingSettings, completion: str) -> None:
-        key = request_key(self.model, render(str(self.model_dir), request["messages"]), sampling, request["sampling_seed"])
-        entry = {"completion": completion, "finish_reason": "stop", "num_tokens": 20, "prompt_tokens": 100}
-        self.store.put(f"_cache/generation/{key[:2]}/{key}.json", json.dumps(entry).encode())
 
 
 def test_self_instruct_recipe_end_to_end(tmp_path):
@@ -72,21 +53,9 @@ def test_self_instruct_recipe_end_to_end(tmp_path):
     for member, member_requests in zip(cfg.members, solve_requests(fresh, members, run_seed=recipe.generation.seed), strict=True):
         planter.plant(member_requests[0], SamplingSettings(member.temperature, member.top_p, cfg.solve_max_tokens), "24 / 3 = 8. The answer is 8")
 
-    cmd = [sys.executable, "-m", "distillery.cli", "run", "recipes/self-instruct.yaml", "--store", str(store)]
-    for s in SETS:
-        cmd += ["--set", s]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    uri = Path(out.stdout.strip().splitlines()[-1])
-    manifest = json.loads((uri / "manifest.json").read_text())
+    uri, manifest = run_recipe(tmp_path, "recipes/self-instruct.yaml", store, SETS)
 
-    stages = manifest["counts"]["stages"]
-    assert [s["stage"] for s in stages[:4]] == ["ingest", "self-instruct", "agreement", "synthesize"]
-    for s in stages:
-        assert s["rows_out"] == s["rows_in"] * s["fanout"] - sum(s["dropped"].values())
-    for before, after in zip(stages, stages[1:]):
-        assert before["rows_out"] == after["rows_in"]
+    stages = check_stages(manifest, ["ingest", "self-instruct", "agreement", "synthesize"])
     made, agreed = stages[1], stages[2]
     assert (made["rows_in"], made["fanout"]) == (4, 2)
     assert made["dropped"]["too_similar"] >= 2 and made["dropped"]["too_short"] >= 1
