@@ -46,6 +46,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BIG = 5_000_000  # a 5 MB text: five times the default row limit (1 MiB)
 
 
+@pytest.fixture(autouse=True)
+def _own_prefect_home(tmp_path, monkeypatch):
+    """Each CLI run here gets its own Prefect home (the embedded server's SQLite database): Prefect
+    creates the folder without its parents, so an inherited PREFECT_HOME may not be usable."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+
+
 def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "distillery.cli", *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout

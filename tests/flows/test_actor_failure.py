@@ -127,7 +127,7 @@ def test_a_batch_whose_engine_was_killed_once_is_resubmitted_whole(local_ray):
 RECIPE = """
 name: actor-failure
 seeds:
-  builtin: {kind: one-step, count: 6, seed: 0}
+  builtin: {kind: one-step, count: 12, seed: 0}
   fields: {question: question, answer: answer, id: id}
 model: {path: embedded}
 generation: {samples_per_problem: 2, max_tokens: 96, shard_size: 2, cache: false}
@@ -149,6 +149,32 @@ def _engine_processes(root_pid: int):
         except psutil.Error:
             continue
     return found
+
+
+def _wait_until_busy(actor, timeout: float = 60.0) -> None:
+    """Return once the actor's process tree (vLLM's engine core and worker) is computing."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        procs = [actor, *actor.children(recursive=True)]
+        for p in procs:
+            try:
+                p.cpu_percent(None)
+            except psutil.Error:
+                pass
+        time.sleep(0.3)
+        busy = 0.0
+        for p in procs:
+            try:
+                busy += p.cpu_percent(None)
+            except psutil.Error:
+                pass
+        if busy > 50:
+            return
+    raise AssertionError("the engine never got busy")
 
 
 @pytest.mark.slow
@@ -175,12 +201,13 @@ def test_run_completes_when_the_vllm_actor_is_killed_mid_batch(tmp_path):
     reader.start()
     killed, engine_core = [], []
     try:
-        # One engine serves the three shards one after another: once the first is back, the
-        # actor is generating the next one. Kill its process then.
+        # One engine serves the six shards one after another: once the first is back, the
+        # actor is generating the next one (five more, several seconds of work). Kill its process then.
         assert first_shard.wait(600), "no shard finished:\n" + "".join(stderr[-60:])
         victims = _engine_processes(proc.pid)
         assert len(victims) == 1, victims
         engine_core = victims[0].children(recursive=True)
+        _wait_until_busy(victims[0])  # a batch is being generated: its engine processes use CPU
         victims[0].send_signal(signal.SIGKILL)
         killed.append(victims[0].pid)
         stdout, _ = proc.communicate(timeout=600)
@@ -204,16 +231,16 @@ def test_run_completes_when_the_vllm_actor_is_killed_mid_batch(tmp_path):
     for s in manifest["counts"]["stages"]:
         assert s["rows_out"] == s["rows_in"] * s["fanout"] - sum(s["dropped"].values())
     synth = stages["synthesize"]
-    assert (synth["rows_in"], synth["fanout"]) == (6, 2)
+    assert (synth["rows_in"], synth["fanout"]) == (12, 2)
     assert "generation_error" not in synth["dropped"]  # the batch the kill hit was generated again
-    assert manifest["stats"]["samples_generated"] == 12 - synth["dropped"].get("empty_completion", 0)
+    assert manifest["stats"]["samples_generated"] == 24 - synth["dropped"].get("empty_completion", 0)
     assert manifest["stats"]["engine_failures"] >= 1  # the manifest says a batch was resubmitted
 
-    # Every sample once: published rows plus the samples dropped after generation are 6 x 2 ids.
+    # Every sample once: published rows plus the samples dropped after generation are 12 x 2 ids.
     data = pl.read_parquet(uri / "data")
     rejects = pl.read_parquet(uri / "rejects").filter(pl.col("stage") != "ingest")
     ids = data.select("seed_id", "sample_index").rows() + [
         (r["seed_id"], json.loads(r["record"])["sample_index"]) for r in rejects.iter_rows(named=True)
     ]
-    assert len(ids) == len(set(ids)) == 12
-    assert {i for _, i in ids} == {0, 1} and len({s for s, _ in ids}) == 6
+    assert len(ids) == len(set(ids)) == 24
+    assert {i for _, i in ids} == {0, 1} and len({s for s, _ in ids}) == 12
