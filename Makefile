@@ -6,11 +6,11 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export PREFECT_LOGGING_LEVEL ?= INFO
-# The embedded Prefect server starts in a subprocess; on a busy 2-core machine 20 s (the default) is not enough.
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+# The run settings (Prefect's start-up timeout, offline hubs) live in distillery.RUN_ENV (the CLI
+# applies them) and the tests' in tests/conftest.py, so `pytest` alone runs like `make test`.
+PYTEST_ARGS ?=
 
-.PHONY: install model run test test-fast lock clean bench bench-dedup bench-curate
+.PHONY: install model run test test-fast lock clean bench bench-cpu bench-dedup bench-curate
 
 $(STAMP): pyproject.toml requirements-cpu.lock
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ run: model
 	$(VENV)/bin/distillery run recipes/default.yaml
 
 test: model
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
@@ -47,6 +47,10 @@ clean:
 
 bench: model
 	$(PY) bench/generation.py
+
+# engine.dtype and threads on this CPU: bfloat16 vs float32, one vs all cores (bench/results/cpu_engine.json)
+bench-cpu: model
+	$(PY) bench/cpu_engine.py
 
 bench-dedup: install
 	$(PY) bench/dedup.py

@@ -20,3 +20,21 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return __version__
     return f"{__version__}+g{commit}{'.dirty' if dirty else ''}"
+
+
+# Settings every run needs, whoever starts it (`distillery ...`, `make`, plain `pytest`, a
+# deployment's worker); a value the user set wins. The embedded Prefect server starts in a
+# subprocess: on a busy 2-core machine Prefect's default 20 s start-up timeout is not enough.
+RUN_ENV = {
+    "HF_HUB_OFFLINE": "1",  # models come from files; nothing is fetched from a hub at run time
+    "TRANSFORMERS_OFFLINE": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
+def apply_run_env() -> None:
+    """Set :data:`RUN_ENV`'s defaults in this process's environment (``setdefault``)."""
+    import os
+
+    for key, value in RUN_ENV.items():
+        os.environ.setdefault(key, value)

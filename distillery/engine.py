@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from distillery.hardware import cpu_engine_env, resolve_dtype
 from schemas.recipe import EngineConfig, GenerationConfig
 
 # vLLM and the tokenizer must never reach for a model hub at run time.
@@ -118,6 +119,29 @@ class SamplingSettings:
         return SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens)
 
 
+def resolve_engine_dtype(engine: EngineConfig, model_path: str | None = None, flags=None) -> tuple[str, str]:
+    """``(dtype, why)`` for an engine: ``engine.dtype``, with ``auto`` resolved for the device
+    (:func:`distillery.hardware.resolve_dtype`: float32 on a CPU without native bfloat16)."""
+    return resolve_dtype(engine.dtype, gpu=engine.gpus_per_replica > 0, model_dir=model_path, flags=flags)
+
+
+def with_resolved_dtype(engine: EngineConfig, model_path: str | None = None) -> tuple[EngineConfig, str]:
+    """The engine settings with ``dtype`` resolved (what the engines, the generation cache and the
+    manifest use), and why that dtype; the recipe itself keeps what the user wrote."""
+    dtype, why = resolve_engine_dtype(engine, model_path)
+    return engine.model_copy(update={"dtype": dtype}), why
+
+
+def _cpu_settings(engine: EngineConfig) -> None:
+    """The CPU build's settings, in this process's environment before vLLM starts: its KV cache
+    space and its threads (``distillery.hardware.cpu_engine_env``). A user's own values win."""
+    if engine.gpus_per_replica > 0:
+        return
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(engine.kv_cache_gib))))
+    for key, value in cpu_engine_env().items():
+        os.environ.setdefault(key, value)
+
+
 class _OwnsEngineCore:
     """Closes the vLLM engine-core process of ``self.llm`` (``close()`` or ``with``)."""
 
@@ -147,13 +171,13 @@ class VLLMEngine(_OwnsEngineCore):
             # vLLM logs to stdout; in a Ray worker that reaches the driver's stdout, whose last
             # line must stay the published URI. Send the engine's output to stderr instead.
             os.dup2(2, 1)
-        if engine.gpus_per_replica == 0:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(engine.kv_cache_gib))))
+        _cpu_settings(engine)
         from vllm import LLM
 
+        self.dtype, _ = resolve_engine_dtype(engine, model_path)
         kwargs: dict[str, Any] = {
             "model": model_path,
-            "dtype": engine.dtype,
+            "dtype": self.dtype,
             "max_model_len": engine.max_model_len,
             "seed": seed,
             "tensor_parallel_size": engine.tensor_parallel_size,
@@ -237,15 +261,14 @@ class PoolingRewardModel(_OwnsEngineCore):
 
     def __init__(self, model_path: str, engine: EngineConfig) -> None:
         os.environ.update(ENGINE_ENV)
-        if engine.gpus_per_replica == 0:
-            # Without this the CPU backend tries to reserve 92% of RAM for the pooling runner.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(engine.kv_cache_gib))))
+        _cpu_settings(engine)  # the KV cache space: without it the CPU backend reserves 92% of RAM
         from vllm import LLM
 
+        self.dtype, _ = resolve_engine_dtype(engine, model_path)
         self.llm = LLM(
             model=model_path,
             runner="pooling",
-            dtype=engine.dtype,
+            dtype=self.dtype,
             max_model_len=engine.max_model_len,
             enforce_eager=engine.gpus_per_replica == 0 if engine.enforce_eager is None else engine.enforce_eager,
         )

@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 import distillery
+from distillery.hardware import resolve_dtype
 from distillery.lineage import LineageRecorder
 from distillery.model_setup import model_identity, resolve_model_path
 from distillery.stages.reward_training import DEFAULT_L2, resolve_input, roc_auc, split_by_problem
@@ -49,17 +50,21 @@ def train_reward_model(
     l2: float = DEFAULT_L2,
     base_model: str = "embedded",
     batch_size: int = 8,
+    dtype: str = "auto",
 ) -> str:
-    """Train a reward-model head on a samples version; publish it as ``STORE/NAME/vNNNN``; return that URI."""
+    """Train a reward-model head on a samples version; publish it as ``STORE/NAME/vNNNN``; return that URI.
+    ``dtype``: the frozen body's (``auto``: bfloat16 on a CPU that has it natively, else float32)."""
     run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")
     with LineageRecorder("train_reward_model", run_id, store, code_version=distillery.code_version()) as recorder:  # START; COMPLETE or FAIL
-        return _train_reward_model(input_uri, name, store, heldout_fraction, seed, l2, base_model, batch_size, run_id, recorder)
+        return _train_reward_model(input_uri, name, store, heldout_fraction, seed, l2, base_model, batch_size, dtype, run_id, recorder)
 
 
 def _train_reward_model(
-    input_uri: str, name: str, store: str, heldout_fraction: float, seed: int, l2: float, base_model: str, batch_size: int, run_id: str, recorder: LineageRecorder
+    input_uri: str, name: str, store: str, heldout_fraction: float, seed: int, l2: float, base_model: str, batch_size: int, dtype: str, run_id: str, recorder: LineageRecorder
 ) -> str:
     logger = get_run_logger()
+    dtype, dtype_reason = resolve_dtype(dtype, gpu=False)
+    logger.info("features dtype: %s (%s)", dtype, dtype_reason)
     if not 0 < heldout_fraction < 1:
         msg = f"heldout_fraction must be between 0 and 1 (exclusive), got {heldout_fraction}"
         raise ValueError(msg)
@@ -93,7 +98,7 @@ def _train_reward_model(
         seed, train["seed_id"].n_unique(), _side_counts(train), heldout["seed_id"].n_unique(), _side_counts(heldout),
     )
     started = time.perf_counter()
-    features = last_token_features(base, examples[PROMPT_COLUMN].to_list(), examples["completion"].to_list(), batch_size)
+    features = last_token_features(base, examples[PROMPT_COLUMN].to_list(), examples["completion"].to_list(), batch_size, dtype)
     logger.info("features: %d x %d in %.1fs", *features.shape, time.perf_counter() - started)
     labels = examples["correct"].to_numpy().astype(bool)
     train_idx, heldout_idx = train["__i"].to_numpy(), heldout["__i"].to_numpy()
@@ -119,7 +124,8 @@ def _train_reward_model(
         "optimizer": "LBFGS (strong Wolfe), float64",
         "class_weighting": "balanced",
         "bias": False,
-        "features": "final hidden state after the final norm at the last token; transformers, CPU, float32",
+        "features": f"final hidden state after the final norm at the last token; transformers, CPU, {dtype}",
+        "dtype": dtype,
         "prompt_column": PROMPT_COLUMN,
         "batch_size": batch_size,
     }
@@ -152,7 +158,7 @@ def _train_reward_model(
             "recipe": recipe,
             "recipe_hash": hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest(),
             "code_version": distillery.code_version(),
-            "generator": {"model": identity["name"], "engine": "transformers (CPU, float32), frozen body + fitted score head"},
+            "generator": {"model": identity["name"], "engine": f"transformers (CPU, {dtype}), frozen body + fitted score head", "dtype": dtype, "dtype_reason": dtype_reason},
             "flow_run_id": run_id,
             "stats": {
                 "auc_train": auc_train,

@@ -15,9 +15,9 @@ def select_examples(rows):
 
 
 @task(name="last-token-features", cache_policy=NO_CACHE)
-def last_token_features(model_dir, prompts, completions, batch_size):
-    """The frozen body's last-token features (transformers on CPU, float32); logs progress about
-    every 30 seconds."""
+def last_token_features(model_dir, prompts, completions, batch_size, dtype="float32"):
+    """The frozen body's last-token features (transformers on CPU, in ``dtype``); logs progress
+    about every 30 seconds."""
     logger = get_run_logger()
     started, last_log = time.perf_counter(), [time.perf_counter()]
 
@@ -28,7 +28,7 @@ def last_token_features(model_dir, prompts, completions, batch_size):
             rate = done / (now - started)
             logger.info("features: %d of %d chats (%.1f/s, about %.0fs left)", done, total, rate, (total - done) / rate)
 
-    return reward_training.last_token_features(model_dir, prompts, completions, batch_size, progress=progress)
+    return reward_training.last_token_features(model_dir, prompts, completions, batch_size, progress=progress, dtype=dtype)
 
 
 @task(name="fit-head", cache_policy=NO_CACHE)

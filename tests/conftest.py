@@ -1,11 +1,34 @@
-"""Shared fixtures: a real S3-compatible server (moto's) on loopback, and the reference data."""
+"""Shared fixtures: a real S3-compatible server (moto's) on loopback, and the reference data.
 
+The settings the tests run with live here, not in the Makefile, so that plain ``pytest`` and
+``make test`` run the tests the same way (tests/test_test_env.py compares the two). They are
+applied when this file is imported, before any test module imports Prefect (which reads its
+settings once); a value already in the environment wins.
+"""
+
+import os
 import socket
 from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from distillery import apply_run_env
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+# What the tests add to the run settings (distillery.RUN_ENV: offline model hubs, Prefect's
+# start-up timeout). Prefect's home: one folder per checkout (created here: Prefect creates it
+# without its parents). Tests that run the CLI give each run a PREFECT_HOME of its own.
+TEST_ENV = {
+    "PREFECT_HOME": str(ROOT / ".cache" / "prefect"),
+    "PREFECT_LOGGING_LEVEL": "INFO",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+for _key, _value in TEST_ENV.items():
+    os.environ.setdefault(_key, _value)
+apply_run_env()
+Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 
 
 def _free_port() -> int:

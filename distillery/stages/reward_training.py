@@ -153,20 +153,24 @@ def last_token_features(
     completions: Sequence[str],
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    dtype: str = "float32",
 ) -> np.ndarray:
     """``[n, hidden]`` float32: the final hidden state (after the final norm) at each chat's last
     token, what a ``LlamaForSequenceClassification`` score head sees. ``model_dir`` is the base
     model or a classifier built on it (only the transformer body is used). ``progress(done, total)``
-    is called after each batch."""
+    is called after each batch. ``dtype``: the body's dtype on the CPU (``auto``: bfloat16 where
+    the CPU has it natively, else float32; :func:`distillery.hardware.resolve_dtype`)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
+
+    from distillery.hardware import resolve_dtype
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(model_dir, dtype=getattr(torch, resolve_dtype(dtype, gpu=False)[0])).eval()
     texts = render_texts(tokenizer, prompts, completions)
     features = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]

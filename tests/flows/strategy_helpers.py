@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distillery.engine import SamplingSettings
+from distillery.engine import SamplingSettings, with_resolved_dtype
 from distillery.generation_cache import render, request_key
 from distillery.model_setup import model_identity, resolve_model_path
 from distillery.store import Store
@@ -24,7 +24,8 @@ class Planter:
 
     def __init__(self, store: Path, recipe) -> None:
         self.model_dir = resolve_model_path(recipe.model.path)
-        self.model = {"sha256": model_identity(self.model_dir)["sha256"], "dtype": recipe.engine.dtype}
+        engine, _ = with_resolved_dtype(recipe.engine, str(self.model_dir))  # what the run resolves "auto" to
+        self.model = {"sha256": model_identity(self.model_dir)["sha256"], "dtype": engine.dtype}
         self.store = Store(str(store))
 
     def plant(self, request: dict, sampling: SamplingSettings, completion: str) -> None:

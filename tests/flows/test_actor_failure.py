@@ -25,6 +25,7 @@ import pytest
 from distillery.engine import MAX_RESTARTS, EnginePool, SamplingSettings
 from distillery.stages.synthesize import samples_from_results
 from schemas.recipe import EngineConfig
+from tests.procs import wait_for_event_or_exit
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLING = SamplingSettings(temperature=0.0, top_p=1.0, max_tokens=8)
@@ -203,7 +204,7 @@ def test_run_completes_when_the_vllm_actor_is_killed_mid_batch(tmp_path):
     try:
         # One engine serves the six shards one after another: once the first is back, the
         # actor is generating the next one (five more, several seconds of work). Kill its process then.
-        assert first_shard.wait(600), "no shard finished:\n" + "".join(stderr[-60:])
+        wait_for_event_or_exit(proc, first_shard, 600, "no shard finished", lambda: "".join(stderr[-60:]))
         victims = _engine_processes(proc.pid)
         assert len(victims) == 1, victims
         engine_core = victims[0].children(recursive=True)

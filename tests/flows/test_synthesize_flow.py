@@ -99,6 +99,11 @@ def test_lineage_of_every_row(run):
     assert set(rows["code_version"]) == {manifest["code_version"]}
     assert manifest["code_version"].startswith("0.1.0")
     assert manifest["generator"]["engine"] == "vllm-cpu" and manifest["generator"]["model_sha256"]
+    # engine.dtype "auto" resolved for this CPU (float32 without native bfloat16), the recipe unchanged
+    from distillery.hardware import resolve_dtype
+
+    assert manifest["generator"]["dtype"] == resolve_dtype("auto", gpu=False)[0] and manifest["generator"]["dtype_reason"]
+    assert manifest["recipe"]["engine"]["dtype"] == "auto"
     assert manifest["parents"][0]["uri"].endswith("seeds.jsonl") and len(manifest["parents"][0]["sha256"]) == 64
     assert rows["sampling_seed"].n_unique() == rows.height
     assert all(p.startswith("<|im_start|>system") for p in rows["prompt"])  # the tokenizer's chat template

@@ -110,7 +110,8 @@ def trained(prefect_home, base, tmp_path_factory):
     store = Store(str(tmp / "store"))
     rows = samples_frame()
     input_uri = publish_samples(store, rows)
-    uri = train_reward_model(input_uri, "gsm-rm", store=store.root, heldout_fraction=0.25, seed=0)
+    # float32: the test below compares the published logits with a float32 classifier's
+    uri = train_reward_model(input_uri, "gsm-rm", store=store.root, heldout_fraction=0.25, seed=0, dtype="float32")
     return {"uri": uri, "input_uri": input_uri, "rows": rows, "store": store, "manifest": store.manifest("gsm-rm"), "tmp": tmp}
 
 
