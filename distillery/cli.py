@@ -8,7 +8,9 @@ published version's URI as the last line of standard output.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import logging
 import os
 import sys
 
@@ -25,7 +27,7 @@ def preflight(store: str, inputs: list[str] = ()) -> int | None:
     (a folder, or a bucket that can be listed with these credentials), each input file exists and
     is not empty, and ``RAY_ADDRESS`` (when set) answers. An exit code and the message if not."""
     from distillery.engine import Unreachable, check_ray_address
-    from distillery.stages.ingest import EmptyInput, preflight_input
+    from distillery.stages.ingest import EmptyInput, UnreadableInput, preflight_input
     from distillery.store import Store
     from distillery.uri_io import StorageError, is_s3
 
@@ -39,7 +41,7 @@ def preflight(store: str, inputs: list[str] = ()) -> int | None:
         for uri in inputs:
             preflight_input(uri)
         check_ray_address()
-    except (StorageError, EmptyInput, Unreachable) as err:
+    except (StorageError, EmptyInput, UnreadableInput, Unreachable) as err:
         return _fail(str(err), 1)
     except ValueError as err:  # a version URI that climbs out of its store
         return _fail(str(err), 2)
@@ -71,18 +73,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_and_print_uri(lambda: synthesize(recipe, store=args.store))
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _NoTracebackFor(logging.Filter):
+    """Prefect logs a failed flow or task run with its traceback; for the errors the CLI reports
+    as one line (a full disk, an unreadable input, a store that cannot be reached) the traceback
+    is noise, so those records keep their message line and lose the stack."""
+
+    def __init__(self, expected: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.expected = expected
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if err is not None and (isinstance(err, self.expected) or (isinstance(err, OSError) and err.errno in _NO_SPACE)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _run_and_print_uri(run) -> int:
     """Run a flow; print its version URI as the last line of stdout, or the error (exit 1)."""
     from distillery.engine import EngineLost, Unreachable
     from distillery.model_setup import ModelNotFound
     from distillery.stages.collapse import CollapseGateFailed
+    from distillery.stages.ingest import EmptyInput, UnreadableInput
     from distillery.store import VersionNotFound
     from distillery.uri_io import StorageError
 
+    quiet = _NoTracebackFor((StorageError, EmptyInput, UnreadableInput, ModelNotFound, VersionNotFound, CollapseGateFailed, EngineLost, Unreachable, RecipeError))
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(quiet)
     try:
         uri = run()
     except (ModelNotFound, StorageError, VersionNotFound, CollapseGateFailed, ValueError, EngineLost, Unreachable) as err:
         return _fail(str(err), 1)
+    except OSError as err:
+        if err.errno in _NO_SPACE:  # a full disk outside the store (spill folders, temporary files)
+            return _fail(f"{err.filename or 'a local file'}: no space left on device; free some space (or set TMPDIR to a larger disk) and run again", 1)
+        raise
     finally:
         import ray
 
@@ -138,7 +167,7 @@ def cmd_train_reward_model(args: argparse.Namespace) -> int:
 
     return _run_and_print_uri(
         lambda: train_reward_model(
-            args.input, args.name, store=args.store, heldout_fraction=args.heldout_fraction, seed=args.seed, l2=args.l2, base_model=args.base_model
+            args.input, args.name, store=args.store, heldout_fraction=args.heldout_fraction, seed=args.seed, l2=args.l2, base_model=args.base_model, dtype=args.dtype
         )
     )
 
@@ -309,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     trm.add_argument("--seed", type=int, default=0, help="seed of the problem split and the fit (default 0)")
     trm.add_argument("--l2", type=float, default=DEFAULT_L2, help=f"L2 penalty of the logistic regression (default {DEFAULT_L2})")
     trm.add_argument("--base-model", default="embedded", help="the base model folder (default: embedded)")
+    trm.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="the frozen body's dtype (default auto: bfloat16 on a CPU with native bfloat16, else float32)")
     trm.set_defaults(func=cmd_train_reward_model)
 
     datasets = sub.add_parser("datasets", help="list, show, diff and tag published versions")
@@ -352,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distillery import apply_run_env
+
+    apply_run_env()  # before Prefect is imported: it reads its settings once
     args = build_parser().parse_args(argv)
     from distillery.uri_io import StorageError
 

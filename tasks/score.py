@@ -76,9 +76,16 @@ def score(rows: pl.DataFrame, cfg: ScoreConfig, engine: EngineConfig, pool: Engi
     elif cfg.method == "majority_vote":
         result = _label_as_reward(majority_vote(rows), "pseudo_correct", "majority_vote")
     elif cfg.method == "program":
-        executed = execute_programs(rows, timeout_s=cfg.program.timeout_s, memory_mb=cfg.program.memory_mb)
+        program = cfg.program
+        executed = execute_programs(rows, timeout_s=program.timeout_s, memory_mb=program.memory_mb, isolation=program.isolation)
         relabeled = _label_as_reward(executed.kept, "program_correct", "program", stage="execute")
-        result = StageResult("execute", relabeled.kept, executed.rejects, executed.count)
+        result = StageResult("execute", relabeled.kept, executed.rejects, executed.count, meta=executed.meta)
+        sandbox = executed.meta["sandbox"]
+        if sandbox["isolation"] == "none":
+            why = sandbox.get("warning") or f"setting {sandbox['setting']!r}"
+            logger.warning("sandbox: programs ran without a process-isolation layer (%s)", why)
+        else:
+            logger.info("sandbox: programs ran in the %s isolation layer", sandbox["isolation"])
     else:
         raise ValueError(f"score.method {cfg.method!r} has no scorer")
     logger.info("score (%s): %d rows scored, %d rejected %s", cfg.method, result.kept.height, result.rejects.height, result.count.dropped or "")

@@ -110,3 +110,34 @@ def test_generation_cache_keys_change_with_what_determines_a_generation():
         request_key(model, "<prompt>", sampling, 8),  # another sampling seed
     ]
     assert len({key, *changed}) == 8
+
+
+def test_set_values_that_are_not_yaml_are_the_plain_strings_they_are(tmp_path):
+    """An unquoted Jinja template (or any text YAML cannot parse) in ``--set`` is taken as the
+    string, not a ``yaml.parser.ParserError``; YAML values (numbers, lists, quoted strings) still parse."""
+    import subprocess
+    import sys
+
+    base = ["seeds.path=x.jsonl"]
+    for raw in ["{{ question }} Answer briefly.", "Q: {{ question }}", "{% if question %}{{ question }}{% endif %}", "{{ question }}", "Solve: {{ question }} [show work]"]:
+        recipe = load_recipe(RECIPES / "gsm8k-cot.yaml", [*base, f"generation.prompt_template={raw}"])
+        assert recipe.generation.prompt_template == raw
+    recipe = load_recipe(RECIPES / "gsm8k-cot.yaml", [*base, "generation.prompt_template='{{ question }}!'", "generation.temperature=0.25", "description=a: b: c"])
+    assert recipe.generation.prompt_template == "{{ question }}!" and recipe.generation.temperature == 0.25 and recipe.description == "a: b: c"
+    with pytest.raises(RecipeError, match=r"field 'generation\.temperature': Input should be a valid number.*'\[0\.7'"):
+        load_recipe(RECIPES / "gsm8k-cot.yaml", [*base, "generation.temperature=[0.7"])
+
+    # the CLI goes on to its next check (the model folder here), no traceback
+    out = subprocess.run(
+        [sys.executable, "-m", "distillery.cli", "run", "recipes/gsm8k-cot.yaml", "--set", "generation.prompt_template={{ question }} Answer briefly.",
+         "--set", f"seeds.path={tmp_path / 'x.jsonl'}", "--set", f"model.path={tmp_path / 'no-model'}", "--store", str(tmp_path / "store")],
+        capture_output=True, text=True, cwd=RECIPES.parent, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "ParserError" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().endswith(f"model.path: model folder {tmp_path / 'no-model'} not found or has no config.json")
+
+
+def test_an_oversized_recipe_file_is_refused_unread(tmp_path):
+    path = _write(tmp_path, "name: big\nseeds: {path: a.jsonl}\ndescription: " + "x" * (1 << 20) + "\n")
+    with pytest.raises(RecipeError, match=r"is refused: 1,048,6\d\d bytes, more than 1,048,576 \(a recipe is a small YAML file"):
+        load_recipe(path)

@@ -11,6 +11,10 @@ logs, manifests, lineage events, cards, plots or any other artifact.
 - URIs that carry credentials (``s3://KEY:SECRET@bucket``, ``http://user:pass@host``, an
   ``s3://`` URI with a query string) are refused with the secret masked; a recipe field that holds
   one is a recipe error, so a secret can never reach a manifest's ``recipe``.
+- Recipes run no code nobody wrote: templates from recipes (``--set``, the file, a deployment's
+  ``overrides``) that reach Python's internals are recipe errors naming the field (exit 2) before
+  anything starts, and the stages render in Jinja2's sandbox; YAML alias bombs ("billion
+  laughs"), self-referring aliases and endless nesting are refused within a second.
 - The Prefect server's API auth (``PREFECT_SERVER_API_AUTH_STRING``: 401 without or with a wrong
   string, 200 with it) is tested in ``tests/test_deployments.py``.
 """
@@ -21,6 +25,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -324,3 +329,144 @@ def test_a_real_curate_on_s3_leaks_no_credential_anywhere(s3, s3_endpoint, tmp_p
     ray_sessions = Path("/tmp/ray")
     if ray_sessions.is_dir():
         assert not _files_containing(ray_sessions, everything, since=started - 1)
+
+
+# ------------------------------------------------------------------ (c) recipes run no code nobody wrote
+def _escapes(marker: Path) -> list[str]:
+    """Server-side template injections that run ``touch MARKER`` outside a sandbox."""
+    cmd = f"touch {marker}"
+    return [
+        f"{{{{ cycler.__init__.__globals__.os.popen('{cmd}').read() }}}}",
+        f"{{{{ joiner.__init__.__globals__['os'].system('{cmd}') }}}}",
+        f"{{{{ lipsum.__globals__['os'].popen('{cmd}').read() }}}}",
+        f"{{{{ question.__class__.__mro__[1].__subclasses__() }}}}",
+        f"{{{{ (question|attr('__class__')) }}}}",
+        f"{{{{ (cycler|attr('_' ~ '_init__')|attr('_' ~ '_globals__'))['os'].popen('{cmd}').read() }}}}",
+        "{{ '{0.__class__.__mro__}'.format(question) }}",
+        f"{{% if question == 'never' %}}{{{{ cycler.__init__.__globals__.os.popen('{cmd}').read() }}}}{{% endif %}}",
+        "{% include '/etc/passwd' %}",
+    ]
+
+
+def test_recipe_templates_are_sandboxed_and_checked_before_anything_starts(tmp_path):
+    """A template from a recipe (``--set``, the file, a deployment's ``overrides``) that reaches
+    Python's internals is a recipe error naming the field (exit 2) in seconds, before Prefect,
+    Ray or an engine starts; the command never runs. The stages render in Jinja2's sandbox too,
+    and the shipped templates still render there."""
+    from jinja2.exceptions import SecurityError
+
+    from distillery.prompts import PROMPTS, load_template
+    from distillery.stages.score import judge_requests
+    from distillery.stages.synthesize import build_messages
+    from flows.deployments import curate_dataset, synthesize_recipe
+    from schemas.recipe import GenerationConfig, RecipeError, load_recipe
+
+    marker = tmp_path / "pwned"
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"question": "What is 1+1?", "answer": "#### 2"}) + "\n")
+    store = tmp_path / "store"
+    escapes = _escapes(marker)
+    for template in escapes:  # in-process: the same check the CLI makes
+        for field in ("generation.prompt_template", "score.judge.template"):
+            with pytest.raises(RecipeError, match=f"field '{field}': Value error, (refused template|not a valid Jinja2 template)"):
+                load_recipe("recipes/gsm8k-cot.yaml", [f"seeds.path={seeds}", f"{field}={template}"])
+    started = time.monotonic()
+    for template in escapes[:2]:
+        out = _cli("run", "recipes/gsm8k-cot.yaml", "--set", f"seeds.path={seeds}", "--set", f"generation.prompt_template={template}", "--store", str(store), timeout=120)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert re.search(r"field 'generation.prompt_template': Value error, refused template: line 1: attribute '__\w+__': names starting with '_' are not allowed", out.stderr)
+    recipe = tmp_path / "judge.yaml"
+    recipe.write_text(f"name: judge\nseeds: {{path: {seeds}}}\nscore:\n  method: judge\n  judge:\n    template: \"{escapes[2]}\"\n")
+    out = _cli("run", str(recipe), "--store", str(store), timeout=120)
+    assert out.returncode == 2 and "field 'score.judge.template': Value error, refused template" in out.stderr, out.stderr[-3000:]
+    assert time.monotonic() - started < 60  # three CLI calls: no Prefect, no Ray, no engine started
+    assert not store.exists()
+
+    # a scheduled deployment gets the same check through its overrides (the flow's own function, no server)
+    with pytest.raises(RecipeError, match="field 'generation.prompt_template'"):
+        synthesize_recipe.fn("recipes/gsm8k-cot.yaml", store=str(store), overrides=[f"seeds.path={seeds}", f"generation.prompt_template={escapes[0]}"])
+    with pytest.raises(RecipeError, match="an alias refers to a value that contains it"):  # and a curate deployment its YAML checks
+        curate_dataset.fn(str(seeds), "x", store=str(store), overrides=["description=&a [*a]"])
+
+    # the stages render in the sandbox even for a template that skipped validation
+    unchecked = GenerationConfig.model_construct(**{**GenerationConfig().model_dump(), "prompt_template": escapes[0]})
+    with pytest.raises(SecurityError):
+        build_messages("What is 1+1?", unchecked)
+    with pytest.raises(SecurityError):
+        judge_requests(pl.DataFrame({"question": ["q"], "completion": ["c"], "sample_id": ["s"]}), template=escapes[0])
+    assert not marker.exists()
+
+    # what templates may do is unchanged: variables, filters, loops, conditions; the shipped ones render
+    fine = "{% for word in question.split() %}{{ word | upper }} {% endfor %}{% if question|length > 3 %}(long){% endif %} Answer briefly."
+    recipe_ok = load_recipe("recipes/gsm8k-cot.yaml", [f"seeds.path={seeds}", f"generation.prompt_template={fine}"])
+    assert build_messages("two words", recipe_ok.generation)[-1]["content"] == "TWO WORDS (long) Answer briefly."
+    values = {"question": "Q", "tasks": ["a", "b"], "concepts": ["x", "y"], "discipline": "d", "field": "f", "subject": "s", "session": 1, "sessions": 4}
+    for path in sorted(PROMPTS.glob("*/*.j2")):
+        assert load_template(path.parent.name, path.stem).render(**values).strip(), path
+
+    # a template that is merely wrong names the variable it lacks, one that never ends is stopped
+    for template, message in [
+        ("{{ questoin }}", "the template fails with sample values: 'questoin' is undefined (it can use: question)"),
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "did not finish rendering a sample question within 2 s"),
+        ("{% for i in range(100000) %}{{ question * 100 }}{% endfor %}", "renders more than 1,000,000 characters"),
+        ("{{ " * 5000 + "question" + " }}" * 5000, "not a valid Jinja2 template"),
+    ]:
+        started = time.monotonic()
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            load_recipe("recipes/gsm8k-cot.yaml", [f"seeds.path={seeds}", f"generation.prompt_template={template}"])
+        assert time.monotonic() - started < 10
+
+
+def _billion_laughs() -> str:
+    lines = ["name: laughs", 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    lines.append("description: *i")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bombs_and_endless_nesting_are_refused_within_a_second(tmp_path):
+    """A recipe under 1 KB whose aliases expand to 9^9 values, one that refers to itself, one
+    nested 100,000 levels deep: exit 2 with the reason, within a second of loading, whether the
+    YAML comes as the file, a --set value, or a deployment's overrides. Ordinary aliases still work."""
+    from flows.deployments import synthesize_recipe
+    from schemas.recipe import RecipeError, load_recipe
+
+    laughs = _billion_laughs()
+    assert len(laughs.encode()) < 1024
+    cases = {
+        "laughs.yaml": (laughs, "is refused: its aliases expand to more than 100,000 values (an alias bomb, a 'billion laughs' file?)"),
+        "self.yaml": ("name: x\ndescription: &a [1, *a]\n", "is refused: an alias refers to a value that contains it (line 2): a recursive structure"),
+        "deep.yaml": ("name: x\ndescription: " + "[" * 100_000 + "]" * 100_000 + "\n", "is refused: it nests more than 64 levels deep"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        started = time.monotonic()
+        with pytest.raises(RecipeError, match=re.escape(f"recipe {path} {message}")):
+            load_recipe(path)
+        assert time.monotonic() - started < 1.0, name
+        started = time.monotonic()
+        out = _cli("run", str(path), "--store", str(tmp_path / "store"), timeout=60)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert f"distillery: error: recipe {path} {message}" in out.stderr
+        assert time.monotonic() - started < 30  # the interpreter's start and imports; the refusal itself is under a second
+        out = _cli("curate", str(path), "--name", "x", "--recipe", str(path), "--store", str(tmp_path / "store"), timeout=60)
+        assert out.returncode == 2 and message in out.stderr
+
+    for value, message in [
+        ("&a [1, *a]", "--set description: the value is refused: an alias refers to a value that contains it"),
+        ("[" * 100_000, "--set description: the value is refused: it nests more than 64 levels deep"),
+    ]:  # a --set value is YAML too, and so is a deployment's override
+        started = time.monotonic()
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            load_recipe("recipes/gsm8k-cot.yaml", ["seeds.path=x.jsonl", f"description={value}"])
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            synthesize_recipe.fn("recipes/gsm8k-cot.yaml", overrides=["seeds.path=x.jsonl", f"description={value}"])
+
+    # aliases that expand to a sensible size are a YAML feature, still allowed
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("name: shared\nseeds: {path: x.jsonl}\nself_instruct:\n  members: [&m {temperature: 0.2}, *m]\n")
+    recipe = load_recipe(shared)
+    assert [m.temperature for m in recipe.self_instruct.members] == [0.2, 0.2]

@@ -106,3 +106,76 @@ def test_parse_version_uri(tmp_path):
     assert parse_version_uri(f"{tmp_path}/data.jsonl") is None
     store, name, version = parse_version_uri("s3://bucket/team/demo", default_version="latest")
     assert (store.root, name, version) == ("s3://bucket/team", "demo", "latest")
+
+
+# -------------------------------------------------------------------- a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs), unmounted afterwards; skipped where mounting is not
+    allowed (not root, no CAP_SYS_ADMIN). ``test_a_write_past_a_file_size_limit_...`` covers a
+    failed write without one."""
+    import subprocess
+
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _incompressible_rows(n: int, chars: int = 1000) -> pl.DataFrame:
+    import os
+
+    return _rows(n).with_columns(pl.Series("completion", [os.urandom(chars // 2).hex() for _ in range(n)]))
+
+
+def _files(root) -> list[str]:
+    from pathlib import Path
+
+    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*") if p.is_file())
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_no_partial_files(small_disk):
+    from distillery.uri_io import StorageError
+
+    store = Store(str(small_disk))
+    big = __import__("os").urandom(2 << 20)
+    for exclusive in (False, True):
+        with pytest.raises(StorageError, match=rf"^store {small_disk}: no space left on device \(writing demo/big\)$"):
+            store.put("demo/big", big, exclusive=exclusive)
+        assert _files(small_disk) == []  # no hidden temporary file, no half-written one
+
+    with pytest.raises(StorageError, match=rf"^store {small_disk}: no space left on device \(writing demo/v0001/"):
+        _publish(store, _incompressible_rows(3000), shard_rows=500)
+    assert store.versions("demo") == []  # no visible version
+    assert _files(small_disk) == ["demo/v0001/_claim"]  # what was written of it is gone; the number stays taken
+    published = _publish(store, _rows(3))  # with the space back, publishing works again
+    assert published.manifest["version"] == "v0002" and store.versions("demo") == ["v0002"]
+
+
+def test_a_write_past_a_file_size_limit_is_the_same_clear_error(tmp_path):
+    """Without a small filesystem: a real failed write (RLIMIT_FSIZE: EFBIG) in a child process."""
+    import subprocess
+    import sys
+
+    code = f"""
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+from pathlib import Path
+from distillery.store import Store
+from distillery.uri_io import StorageError
+store = Store({str(tmp_path)!r})
+try:
+    store.put("demo/big", b"x" * 200_000)
+except StorageError as err:
+    print(err)
+print(sorted(str(p.relative_to(store.root)) for p in Path(store.root).rglob("*") if p.is_file()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == [f"store {tmp_path}: no space left (file too large) (writing demo/big)", "[]"]

@@ -2,7 +2,7 @@
 
 A template's version is the sha256 of its source and of every template it extends or includes,
 so an edit anywhere in what a prompt is made of is a new version. Rows and manifests name a
-template as ``strategy/name@version``.
+template as ``strategy/name@version``. They render in Jinja2's sandbox, like templates from recipes.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def _sources(env: jinja2.Environment, name: str, seen: set[str]) -> list[str]:
 @lru_cache(maxsize=64)
 def load_template(strategy: str, name: str) -> PromptTemplate:
     """``distillery/prompts/<strategy>/<name>.j2``; an unknown name is an error that lists the known ones."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(PROMPTS / strategy), undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True
-    )
+    from schemas.recipe import sandboxed_environment
+
+    env = sandboxed_environment(loader=jinja2.FileSystemLoader(PROMPTS / strategy), keep_trailing_newline=True)  # shipped, but values are data: sandboxed too
     try:
         template = env.get_template(f"{name}.j2")
     except jinja2.TemplateNotFound as err:

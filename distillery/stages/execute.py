@@ -3,8 +3,9 @@
 For each row, :func:`extract_program` takes the last fenced Python code block of the completion
 (```` ```python ```` / ```` ```py ```` or a fence without a language; ```` ```output ```` and other
 languages are not programs). The program runs in the sandbox (:func:`distillery.sandbox.run_python`:
-a child process with memory, CPU and wall-clock limits, no network, no files outside its scratch
-directory). The last non-empty line it prints is its answer.
+a child process with memory, CPU and wall-clock limits, in a process-isolation layer where one can
+be had: no network, no files outside its scratch directory; ``meta["sandbox"]`` says which layer).
+The last non-empty line it prints is its answer.
 
 Columns added: ``program_answer`` (the answer, normalized like verify's), ``program_correct``
 (:func:`~distillery.stages.verify.answers_match` against ``reference_answer``; null when the row
@@ -26,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import polars as pl
 
 from distillery.accounting import StageCount, StageResult, rows_to_rejects
-from distillery.sandbox import SandboxResult, run_python
+from distillery.sandbox import SandboxResult, isolation_info, run_python
 from distillery.stages.verify import answers_match, extract_answer, normalize_answer
 
 STAGE = "execute"
@@ -65,12 +66,24 @@ def program_answer(stdout: str) -> str | None:
 
 
 def execute_programs(
-    rows: pl.DataFrame, *, timeout_s: float = 5.0, memory_mb: int = 512, column: str = "completion"
+    rows: pl.DataFrame,
+    *,
+    timeout_s: float = 5.0,
+    memory_mb: int = 512,
+    column: str = "completion",
+    isolation: str | None = None,
 ) -> StageResult:
-    """Run each row's program in the sandbox; keep the rows whose program printed an answer."""
+    """Run each row's program in the sandbox; keep the rows whose program printed an answer.
+
+    ``isolation`` is the sandbox's setting (:func:`distillery.sandbox.isolation_layer`: ``auto``,
+    ``required``, ``bwrap``, ``unshare`` or ``none``); the layer every program ran in is in
+    ``meta["sandbox"]`` (``{"isolation": ..., "setting": ...}``, and a ``warning`` without one),
+    for the manifest. ``required`` without a layer raises before any program runs.
+    """
     if column not in rows.columns:
         msg = f"execute: the rows have no {column!r} column (columns: {rows.columns})"
         raise ValueError(msg)
+    sandbox = isolation_info(isolation)
     completions = rows.get_column(column).cast(pl.Utf8).to_list()
     references = (
         rows.get_column("reference_answer").cast(pl.Utf8).to_list()
@@ -80,7 +93,9 @@ def execute_programs(
     programs = [extract_program(c or "") for c in completions]
 
     def run(program: str | None) -> SandboxResult | None:
-        return None if program is None else run_python(program, timeout_s=timeout_s, memory_mb=memory_mb)
+        if program is None:
+            return None
+        return run_python(program, timeout_s=timeout_s, memory_mb=memory_mb, isolation=sandbox["isolation"])
 
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="execute") as pool:
         results = list(pool.map(run, programs))
@@ -117,4 +132,5 @@ def execute_programs(
     dropped_idx = [i for i, r in enumerate(reasons) if r is not None]
     rejects = rows_to_rejects(STAGE, executed.filter(~keep), [reasons[i] for i in dropped_idx], [details[i] for i in dropped_idx])
     dropped = dict(Counter(reasons[i] for i in dropped_idx))
-    return StageResult(STAGE, kept, rejects, StageCount(STAGE, rows.height, kept.height, 1, dropped).check())
+    count = StageCount(STAGE, rows.height, kept.height, 1, dropped).check()
+    return StageResult(STAGE, kept, rejects, count, meta={"sandbox": sandbox})

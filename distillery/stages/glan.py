@@ -54,8 +54,12 @@ def _name(node: Any, where: str) -> str:
 
 def load_taxonomy(data: bytes, uri: str) -> list[dict[str, Any]]:
     """One dict per subject: field, discipline, subject, concepts (a list of strings)."""
+    from schemas.recipe import YamlRefused, load_yaml
+
     try:
-        tree = yaml.safe_load(data)
+        tree = load_yaml(data, max_values=1_000_000)  # bounded like a recipe: no alias bomb, no endless nesting
+    except YamlRefused as err:
+        raise TaxonomyError(f"{uri}: refused: {err}") from None
     except yaml.YAMLError as err:
         raise TaxonomyError(f"{uri}: not valid YAML: {err}") from None
     if not isinstance(tree, dict) or not isinstance(tree.get("field"), str):

@@ -6,11 +6,16 @@ Each batch comes back as a :class:`~distillery.accounting.StageResult` of stage 
 summed, their counts, kept rows and rejects are what ``ingest_rows`` returns for the whole input
 (same ``row-N`` ids, same reasons and line numbers). :class:`IngestBatches` also keeps what the
 manifest needs about the input (``parent``: URI, rows read, sha256 of the bytes) and the
-schema of the kept rows over all batches (:attr:`IngestBatches.schema`).
+schema of the kept rows over all batches (:attr:`IngestBatches.schema`, from the same
+``ingest.ColumnTypes`` rule: a batch's frame has the types known when it was read, and
+:func:`conform` casts it to the final schema, which only widens them).
 
-Inputs: a local JSONL file (read line by line), a local Parquet file (``iter_batches``), a
-published version ``STORE/NAME/vNNNN`` (one shard at a time), or an ``s3://`` file (read whole
-with ``uri_io.read_bytes``: streaming S3 reads are not done yet).
+Inputs: a local JSONL file (read line by line; gzip or zstd, told by its first bytes, decompressed
+as it is read: ``ingest.jsonl_records``), a local Parquet file (``iter_batches``), a published
+version ``STORE/NAME/vNNNN`` (one shard at a time), or an ``s3://`` file (read whole with
+``uri_io.read_bytes``: streaming S3 reads are not done yet). Which format a file is, and what
+makes it unreadable as a whole (:class:`~distillery.stages.ingest.UnreadableInput`), is decided
+as in ``ingest`` (``resolve_format``).
 
 Repeated ids (``duplicate_id``) are found with one 64-bit hash per kept row (8 bytes a row,
 a sorted numpy array): the only state here that grows with the input.
@@ -21,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -31,18 +35,22 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from distillery.accounting import REJECT_SCHEMA, StageCount, StageResult
-from distillery.stages.ingest import DEFAULT_MAX_ROW_BYTES, EmptyInput, _Bad, _why_empty, check_row, parse_jsonl_line
+from distillery.stages.ingest import (
+    DEFAULT_MAX_ROW_BYTES,
+    SNIFF_BYTES,
+    ColumnTypes,
+    EmptyInput,
+    _Bad,
+    _why_empty,
+    arrow_rows,
+    check_row,
+    jsonl_records,
+    parquet_error,
+    resolve_format,
+)
 
 DEFAULT_BATCH_ROWS = 100_000
 _ID_HASH_SEED = 7
-
-
-def _jsonl_lines(stream: io.BufferedIOBase, max_row_bytes: int | None) -> Iterator[tuple[int, Any, str]]:
-    """``(line number, parsed value or _Bad, raw text)``: ``ingest.file_records`` for a stream."""
-    for i, line in enumerate(stream):
-        line = line.removesuffix(b"\n")
-        if line.strip():  # blank lines (and the final newline) are layout, not rows
-            yield parse_jsonl_line(i, line, max_row_bytes)
 
 
 class _HashingReader(io.RawIOBase):
@@ -77,9 +85,14 @@ class IngestBatches:
         self.uri, self.text_column, self.id_column, self.fmt, self.batch_rows = uri, text_column, id_column, fmt, batch_rows
         self.max_row_bytes = max_row_bytes
         self.parent: dict = {"uri": uri, "rows": None, "sha256": None}
-        self.schema: dict[str, pl.DataType] = {"sample_id": pl.Utf8, text_column: pl.Utf8}
         self._seen_ids = np.zeros(0, dtype=np.uint64)
-        self._schema_seen = False
+        self._types = ColumnTypes()  # "line"; "row" once the input turns out Parquet or a version
+
+    @property
+    def schema(self) -> dict[str, pl.DataType]:
+        """The schema of the kept rows over all batches so far (``ingest.ColumnTypes``: the one
+        ``ingest_rows`` gives the whole input); ``sample_id`` and the text column before any row."""
+        return self._types.schema() or {"sample_id": pl.Utf8, self.text_column: pl.Utf8}
 
     # -- reading ---------------------------------------------------------------------------
     def _records(self) -> Iterator[tuple[int, Any, str]]:
@@ -88,45 +101,47 @@ class IngestBatches:
 
         version_ref = parse_version_uri(self.uri)
         if version_ref is not None:
+            self._types.unit = "row"
             yield from self._version_records(*version_ref)
             return
-        fmt = self.fmt
-        if fmt == "auto":
-            fmt = "parquet" if self.uri.endswith((".parquet", ".pq")) else "jsonl"
         n = 0
         if is_s3(self.uri):
             data = read_bytes(self.uri)
-            size, self.parent["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+            self.parent["sha256"] = hashlib.sha256(data).hexdigest()
+            fmt = resolve_format(self.uri, self.fmt, data[:SNIFF_BYTES])
             source = io.BytesIO(data)
-            for n, record in enumerate(self._parquet_records(source) if fmt == "parquet" else _jsonl_lines(source, self.max_row_bytes), start=1):
-                yield record
+            if fmt == "parquet":
+                self._types.unit = "row"
+                for n, record in enumerate(self._parquet_records(source), start=1):
+                    yield record
+            else:
+                yield from jsonl_records(io.BufferedReader(source, buffer_size=1 << 20), self.uri, self.max_row_bytes)
         else:
             with open(self.uri, "rb") as raw:
-                size = os.fstat(raw.fileno()).st_size
+                fmt = resolve_format(self.uri, self.fmt, raw.read(SNIFF_BYTES))
+                raw.seek(0)
                 if fmt == "parquet":
+                    self._types.unit = "row"
                     for n, record in enumerate(self._parquet_records(raw), start=1):
                         yield record
                     raw.seek(0)
                     self.parent["sha256"] = _file_sha256(raw)
-                else:
+                else:  # jsonl_records raises EmptyInput itself
                     hashing = _HashingReader(raw)
-                    for n, record in enumerate(_jsonl_lines(io.BufferedReader(hashing, buffer_size=1 << 20), self.max_row_bytes), start=1):
-                        yield record
+                    yield from jsonl_records(io.BufferedReader(hashing, buffer_size=1 << 20), self.uri, self.max_row_bytes)
                     self.parent["sha256"] = hashing.sha256.hexdigest()
-        if n == 0:  # as ingest.file_records: no rows at all is a bad input, not bad rows
-            raise EmptyInput(f"{self.uri}: {_why_empty(b'' if size == 0 else b' ', fmt)}")
+        if fmt == "parquet" and n == 0:  # as ingest.file_records: no rows at all is a bad input, not bad rows
+            raise EmptyInput(f"{self.uri}: {_why_empty(b' ', fmt)}")
 
     def _parquet_records(self, source) -> Iterator[tuple[int, Any, str]]:
+        try:
+            batches = pq.ParquetFile(source).iter_batches(batch_size=self.batch_rows)
+        except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
+            raise parquet_error(self.uri, err) from None
         i = 0
-        for batch in pq.ParquetFile(source).iter_batches(batch_size=self.batch_rows):
-            for row in batch.to_pylist():
-                raw = json.dumps(row, default=str)
-                size = len(raw.encode())
-                if self.max_row_bytes is not None and size > self.max_row_bytes:
-                    yield i, _Bad("too_large", f"row {i + 1}: {size:,} bytes as JSON, more than max_row_bytes ({self.max_row_bytes:,})"), raw
-                else:
-                    yield i, row, raw
-                i += 1
+        for batch in batches:
+            yield from arrow_rows(batch, i, self.max_row_bytes)
+            i += batch.num_rows
 
     def _version_records(self, store, name: str, version: str) -> Iterator[tuple[int, Any, str]]:
         manifest = store.manifest(name, version)
@@ -167,17 +182,20 @@ class IngestBatches:
                 checked.append(bad)
         repeats = self._repeated_ids([c[0] for c in checked if not isinstance(c, _Bad)])
         rows, rejects, k = [], [], 0
-        for (_, _, raw), result in zip(records, checked, strict=True):
+        for (row_number, _, raw), result in zip(records, checked, strict=True):
             if not isinstance(result, _Bad):
                 sample_id, row = result
                 k += 1
-                if not repeats[k - 1]:
-                    rows.append(row)
-                    continue
-                result = _Bad("duplicate_id", f"id {sample_id} repeats")
+                if repeats[k - 1]:
+                    result = _Bad("duplicate_id", f"id {sample_id} repeats")
+                else:
+                    try:  # in input order, after the id check, as ingest_rows does
+                        rows.append(self._types.admit(row, row_number))
+                        continue
+                    except _Bad as bad:
+                        result = bad
             rejects.append({"stage": "ingest", "reason": result.reason, "detail": result.detail, "seed_id": None, "sample_id": None, "record": raw})
-        kept = pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame(schema=self.schema)
-        self._merge_schema(kept)
+        kept = self._types.frame(rows) if rows else pl.DataFrame(schema=self.schema)
         dropped = dict(Counter(r["reason"] for r in rejects))
         count = StageCount("ingest", len(records), kept.height, 1, dropped).check()
         return StageResult("ingest", kept, pl.DataFrame(rejects, schema=REJECT_SCHEMA), count, meta={"parent": self.parent})
@@ -196,17 +214,6 @@ class IngestBatches:
         self._seen_ids = np.union1d(self._seen_ids, hashes[~repeated])
         return repeated
 
-    def _merge_schema(self, kept: pl.DataFrame) -> None:
-        """The schema ``ingest_rows`` would infer over every kept row: columns in order of first
-        appearance, each the supertype of what the batches inferred."""
-        if kept.height == 0:
-            return
-        if not self._schema_seen:
-            self.schema, self._schema_seen = dict(kept.schema), True
-            return
-        merged = pl.concat([pl.DataFrame(schema=self.schema), pl.DataFrame(schema=kept.schema)], how="diagonal_relaxed")
-        self.schema = dict(merged.schema)
-
 
 def _file_sha256(stream) -> str:
     digest = hashlib.sha256()
@@ -219,5 +226,6 @@ def conform(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame
     """``frame`` with exactly ``schema``'s columns, in its order and types (missing ones null)."""
     if dict(frame.schema) == schema:
         return frame
-    return pl.concat([pl.DataFrame(schema=schema), frame], how="diagonal_relaxed").select(list(schema)).cast(schema)
+    have = frame.schema  # the batch's types are ones the final schema widens (ingest.ColumnTypes): a cast each
+    return frame.select(pl.col(c).cast(t) if c in have else pl.lit(None, dtype=t).alias(c) for c, t in schema.items())
 

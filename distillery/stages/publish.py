@@ -2,6 +2,9 @@
 
 Before anything is written the published table is checked against its data contract and the
 stage counts are checked to add up; either failing stops the publish with nothing visible.
+A publish that fails after claiming its version (a full disk, a lost connection) removes what it
+wrote of that version, all but the claim (``_discard_partial``), so a failed run leaves neither a
+visible version nor its parts; the claimed number is never reused.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -25,6 +30,41 @@ SCHEMA_VERSION = 1
 PLOTS_DIR = "plots"
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _discarded_on_failure(store: Store, base: str) -> Iterator[None]:
+    """Whatever goes wrong inside, remove what was written under ``base`` (a claimed version)."""
+    try:
+        yield
+    except Exception:
+        _discard_partial(store, base)
+        raise
+
+
+def _discard_partial(store: Store, base: str) -> None:
+    """Best effort: delete every object under ``base`` but its ``_claim`` (itself kept, so the
+    number stays taken). A delete that fails too (the store is gone) is logged, not raised."""
+    from pathlib import Path
+
+    from distillery.uri_io import is_s3, s3_client
+
+    try:
+        if is_s3(store.root):
+            prefix = f"{store.prefix}{base}/"
+            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    if obj["Key"] != prefix + "_claim":
+                        s3_client().delete_object(Bucket=store.bucket, Key=obj["Key"])
+            return
+        folder = Path(store.root, base)
+        for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir():
+                path.rmdir()
+            elif path != folder / "_claim":
+                path.unlink(missing_ok=True)
+    except Exception as exc:  # never hide the error that caused the discard
+        log.warning("could not remove the partial version %s: %s", store.uri(base), exc)
 
 
 @dataclass(frozen=True)
@@ -215,15 +255,16 @@ def publish_version(
     """
     data_contract, version = _check_and_claim(store, dataset, rows, input_rows=input_rows, stages=stages, run_id=run_id, contract=contract)
     base = f"{dataset}/{version}"
-    manifest = {
-        **_manifest_head(dataset, version, data_contract, rows, rejects, input_rows=input_rows, stages=stages),
-        "shards": _write_shards(store, f"{base}/data", rows, shard_rows),
-        "reject_shards": _write_shards(store, f"{base}/rejects", rejects, shard_rows),
-        **metadata,
-    }
-    if signatures is not None:
-        manifest["signatures"] = {**(signature_params or {}), "shards": _write_shards(store, f"{base}/signatures", signatures, shard_rows)}
-    return _seal(store, manifest, rows, rejects)
+    with _discarded_on_failure(store, base):
+        manifest = {
+            **_manifest_head(dataset, version, data_contract, rows, rejects, input_rows=input_rows, stages=stages),
+            "shards": _write_shards(store, f"{base}/data", rows, shard_rows),
+            "reject_shards": _write_shards(store, f"{base}/rejects", rejects, shard_rows),
+            **metadata,
+        }
+        if signatures is not None:
+            manifest["signatures"] = {**(signature_params or {}), "shards": _write_shards(store, f"{base}/signatures", signatures, shard_rows)}
+        return _seal(store, manifest, rows, rejects)
 
 
 def _check_and_claim(store: Store, dataset: str, rows: pl.DataFrame, *, input_rows: int, stages: list[StageCount], run_id: str, contract: str):
@@ -315,22 +356,23 @@ def publish_reward_model(
     data_contract, version = _check_and_claim(store, name, examples, input_rows=input_rows, stages=stages, run_id=run_id, contract="reward-examples")
     base = f"{name}/{version}"
     head = head_bytes(weight)
-    store.put(f"{base}/{HEAD_PATH}", head)
-    manifest = {
-        **_manifest_head(name, version, data_contract, examples, rejects, input_rows=input_rows, stages=stages),
-        "kind": "reward-model",
-        "model": {
-            "architecture": architecture,
-            "num_labels": 1,
-            "pooling": "last token, final hidden state after the final norm",
-            "output": "P(correct) = sigmoid(logit); the logit is score.weight . features",
-            "head": {"path": HEAD_PATH, "tensor": HEAD_TENSOR, "shape": [1, int(len(weight))], "dtype": "float32", "bytes": len(head), "sha256": hashlib.sha256(head).hexdigest()},
-        },
-        "shards": _write_shards(store, f"{base}/data", examples, shard_rows),
-        "reject_shards": _write_shards(store, f"{base}/rejects", rejects, shard_rows),
-        **metadata,
-    }
-    return _seal(store, manifest, examples, rejects)
+    with _discarded_on_failure(store, base):
+        store.put(f"{base}/{HEAD_PATH}", head)
+        manifest = {
+            **_manifest_head(name, version, data_contract, examples, rejects, input_rows=input_rows, stages=stages),
+            "kind": "reward-model",
+            "model": {
+                "architecture": architecture,
+                "num_labels": 1,
+                "pooling": "last token, final hidden state after the final norm",
+                "output": "P(correct) = sigmoid(logit); the logit is score.weight . features",
+                "head": {"path": HEAD_PATH, "tensor": HEAD_TENSOR, "shape": [1, int(len(weight))], "dtype": "float32", "bytes": len(head), "sha256": hashlib.sha256(head).hexdigest()},
+            },
+            "shards": _write_shards(store, f"{base}/data", examples, shard_rows),
+            "reject_shards": _write_shards(store, f"{base}/rejects", rejects, shard_rows),
+            **metadata,
+        }
+        return _seal(store, manifest, examples, rejects)
 
 
 # -- streaming publish: parts written locally as rows arrive, then one version ------------------
@@ -427,23 +469,24 @@ def publish_parts(
     contract = data.contract or load_contract("samples")
     version = store.claim_version(dataset, run_id)
     base = f"{dataset}/{version}"
+    with _discarded_on_failure(store, base):
 
-    def copy(writer: PartWriter) -> list[dict]:
-        for part in writer.parts:
-            store.put(f"{base}/{part['path']}", (writer.folder / part["path"].split("/", 1)[1]).read_bytes())
-        return writer.parts
+        def copy(writer: PartWriter) -> list[dict]:
+            for part in writer.parts:
+                store.put(f"{base}/{part['path']}", (writer.folder / part["path"].split("/", 1)[1]).read_bytes())
+            return writer.parts
 
-    manifest = {
-        "dataset": dataset,
-        "version": version,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "schema_version": SCHEMA_VERSION,
-        "contract": {"name": contract.name, "version": contract.version},
-        "counts": {"input": input_rows, "published": data.rows, "rejected": rejects.rows, "stages": [s.as_dict() for s in stages]},
-        "shards": copy(data),
-        "reject_shards": copy(rejects),
-        **metadata,
-    }
-    if signatures is not None:
-        manifest["signatures"] = {**(signature_params or {}), "shards": copy(signatures)}
-    return _seal(store, manifest, data.read(plot_rows), rejects.read(plot_rows))
+        manifest = {
+            "dataset": dataset,
+            "version": version,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "schema_version": SCHEMA_VERSION,
+            "contract": {"name": contract.name, "version": contract.version},
+            "counts": {"input": input_rows, "published": data.rows, "rejected": rejects.rows, "stages": [s.as_dict() for s in stages]},
+            "shards": copy(data),
+            "reject_shards": copy(rejects),
+            **metadata,
+        }
+        if signatures is not None:
+            manifest["signatures"] = {**(signature_params or {}), "shards": copy(signatures)}
+        return _seal(store, manifest, data.read(plot_rows), rejects.read(plot_rows))

@@ -16,11 +16,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import jinja2
 import polars as pl
 
 from distillery.accounting import StageResult
 from distillery.stages.synthesize import sampling_seed
+from schemas.recipe import sandboxed_environment
 
 JUDGE_TEMPLATE = (
     "You are grading a student's solution to a math problem.\n\n"
@@ -30,7 +30,7 @@ JUDGE_TEMPLATE = (
     "where N is from 1 (wrong) to 10 (correct and clear)."
 )
 _SCORE = re.compile(r"score\s*(?:is|of)?\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?", re.IGNORECASE)
-_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+_JINJA = sandboxed_environment()  # a judge template from a recipe is untrusted: Jinja2's sandbox
 
 
 def parse_judge_score(text: str | None) -> float | None:

@@ -1,7 +1,7 @@
 """Synthesize: N chain-of-thought samples per problem.
 
 The stage is two plain functions around whatever generates text: ``build_requests`` turns
-seeds into chat requests (the prompt template rendered with Jinja2, one request per sample,
+seeds into chat requests (the prompt template rendered in Jinja2's sandbox, one request per sample,
 each with its own sampling seed), and ``samples_from_results`` turns the engine's results back
 into rows with their lineage. The flow puts a vLLM engine (a Ray actor) between them.
 """
@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import jinja2
 import polars as pl
 
 from distillery.accounting import StageResult
-from schemas.recipe import GenerationConfig
+from schemas.recipe import GenerationConfig, sandboxed_environment
 
-_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_JINJA = sandboxed_environment(keep_trailing_newline=True)  # recipe templates are untrusted: Jinja2's sandbox
 
 
 def sampling_seed(run_seed: int, seed_id: str, sample_index: int) -> int:

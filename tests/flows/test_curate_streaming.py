@@ -215,3 +215,30 @@ def test_external_dedup_matches_dedup_samples_on_random_near_duplicates(tmp_path
     assert rejects.equals(reference_rejects)
     if priority:  # the policy mattered: in input order, other rows would have been kept
         assert set(rejects["sample_id"]) != set(dedup_samples(rows.drop("correct", "reward"), cfg, text_column="completion").rejects["sample_id"])
+
+
+def test_sharded_curation_of_field_types_that_change_in_later_shards_publishes_what_the_in_memory_stages_publish(tmp_path):
+    """Shard 0 makes `m` a list of integers, `o` an object with field `x`, `n` integers; later shards
+    bring floats (the columns widen), other object fields, `{}` and misfits (`type_mismatch`): the
+    streamed version is the in-memory one, byte for byte, and its counts add up."""
+    rows = [{"id": f"r{i}", "completion": _text(i), "m": [i], "o": {"x": i}, "n": i} for i in range(120)]
+    rows[70] = {**rows[70], "m": [0.5], "o": {"y": "z"}, "e": {}}  # shard 1: fits, widens
+    rows[80] = {**rows[80], "m": {"x": 1}}  # shard 1: a misfit
+    rows[110] = {**rows[110], "n": "ten", "late": [1, "x"]}  # shard 2: two misfits in one row (the first is named)
+    rows[115] = {**rows[115], "late": {"k": [1]}, "n": 2.5}
+    path = tmp_path / "typed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = _recipe()
+    streamed = _streamed(recipe, path, tmp_path / "a")
+    reference = _in_memory(recipe, path, tmp_path / "b")
+    _assert_same_version(streamed, reference)
+    counts = streamed.manifest["counts"]
+    assert counts["stages"][0]["dropped"] == {"type_mismatch": 2}
+    rejects = read_shards(Store(str(tmp_path / "a")), streamed.manifest, "reject_shards")
+    assert counts["published"] + rejects.height == counts["input"] == 120
+    assert rejects.filter(pl.col("reason") == "type_mismatch")["detail"].to_list() == [
+        "line 81: field 'm' is an object, but the column is a list of floats (from line 1)",
+        "line 111: field 'n' is a string, but the column is an integer (from line 1)",
+    ]
+    data = read_shards(Store(str(tmp_path / "a")), streamed.manifest)
+    assert data.schema["m"] == pl.List(pl.Float64) and data.schema["n"] == pl.Float64 and data.schema["late"] == pl.Struct({"k": pl.List(pl.Int64)})

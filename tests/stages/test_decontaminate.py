@@ -20,6 +20,7 @@ from distillery.stages.decontaminate import (
     lsh_params,
     normalize,
     shingle_set,
+    word_edits,
 )
 from distillery.uri_io import StorageError
 from schemas.recipe import BenchmarkSource, DecontaminationConfig
@@ -336,3 +337,67 @@ def test_load_benchmark_from_s3(s3):
 def test_an_index_built_for_another_config_is_refused(benchmarks, index):
     with pytest.raises(ValueError, match="ngram=13"):
         decontaminate(_train(0, 2), benchmarks, DecontaminationConfig(ngram=8), index=index)
+
+
+# --- short items, lightly edited (bench/decontam.py plants the same edits at scale) -------------
+
+
+def test_lightly_edited_short_items_are_caught_at_the_old_false_positive_rate(benchmarks, index):
+    """Every benchmark item under 20 words, with each edit of bench/decontam.py (a word inserted, a
+    verb swapped, `$` dropped, lower-cased, a preamble, and combinations): at least 98% caught, each
+    as its own item; clean GSM8K train rows are flagged no more often than without the short-item rule."""
+    from bench.decontam import EDITS, planted
+
+    plants = planted(benchmarks, variants=1, long_sample=0, seed=5).filter(pl.col("set") == "short")
+    assert plants.height == 51 * len(EDITS)  # 14 GSM8K, 4 AMC23 and 33 SVAMP items
+    result = decontaminate(plants.select("sample_id", "question"), benchmarks, CFG, index=index)
+    details = map(json.loads, result.rejects["detail"])
+    caught = {s: (d["benchmark"], d["item"]) for s, d in zip(result.rejects["sample_id"], details, strict=True)}
+    own = [caught.get(s) == (b, i) for s, b, i in plants.select("sample_id", "benchmark", "item").iter_rows()]
+    assert sum(own) / len(own) >= 0.98
+    assert result.count.rows_out == plants.height - len(caught)
+
+    train = _train(0, 2000)
+    old_cfg = DecontaminationConfig(benchmarks=SOURCES, short_item_words=0)  # rules 1 and 2 only
+    old_rate = decontaminate(train, benchmarks, old_cfg).rejects.height / train.height
+    new = decontaminate(train, benchmarks, CFG, index=index)
+    assert new.rejects.height / train.height <= old_rate
+    assert "edit_distance" not in {json.loads(d)["method"] for d in new.rejects["detail"]}
+
+
+def test_the_edit_rule_names_the_item_the_edits_and_the_span(benchmarks, index):
+    item = _item(benchmarks, "svamp", "43")
+    assert item == "Kelly has 106 nintendo games. How many will she have left if she gives away 64 games?"
+    edited = "Quick one: kelly owns 106 nintendo games. How many will she really have left if she gives away 64 games?"
+    result = decontaminate(pl.DataFrame({"question": [edited], "completion": ["She has 42 left."]}), benchmarks, CFG, index=index)
+    (detail,) = map(json.loads, result.rejects["detail"])
+    found = (detail["benchmark"], detail["item"], detail["method"], detail["column"])
+    assert found == ("svamp", "43", "edit_distance", "question")
+    assert detail["edits"] == 2
+    assert detail["span"] == "kelly owns 106 nintendo games how many will she really have left if she gives away 64 games"
+    assert result.meta["contamination_hits"]["svamp"] == 1
+
+
+def test_word_edits_keep_numbers_and_ignore_the_context():
+    item = "kelly has 106 nintendo games how many will she have left if she gives away 64 games".split()
+    assert word_edits(item, ["please", "answer", *item], 2) == (0, 2, 2 + len(item))
+    swapped = "kelly owns 106 nintendo games how many will she really have left if she gives away 64 games".split()
+    assert word_edits(item, swapped, 2) == (2, 0, len(swapped))
+    assert word_edits(item, swapped, 1) is None
+    other_numbers = "kelly has 50 nintendo games how many will she have left if she gives away 64 games".split()
+    assert word_edits(item, other_numbers, 2) is None  # another problem of the same template
+    extra_number = "kelly has 106 nintendo games how many will she have left if she gives away 5 64 games".split()
+    assert word_edits(item, extra_number, 2) is None
+    assert word_edits(item, item[:10], 2) is None  # most of it missing
+
+
+def test_short_items_allow_edits_by_their_length():
+    bench = Benchmark("tiny", ["a", "b"], ["What is 2 plus 2?", "Find the sum of 12 and 30 for the class."])
+    questions = ["What is 2 times 2?", "Find the total sum of 12 and 30 for the class.", "What is 2 plus 2 ?"]
+    rows = pl.DataFrame({"question": questions})
+    result = decontaminate(rows, [bench], DecontaminationConfig(columns=["question"]))
+    # the 4-word item allows no edit (only the whole item counts); the 10-word one allows one
+    assert [json.loads(d)["item"] for d in result.rejects["detail"]] == ["b", "a"]
+    assert [json.loads(d)["method"] for d in result.rejects["detail"]] == ["edit_distance", "ngram"]
+    off = decontaminate(rows, [bench], DecontaminationConfig(columns=["question"], short_item_words=0))
+    assert off.count.dropped == {"contaminated": 1}

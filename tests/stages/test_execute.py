@@ -5,6 +5,7 @@ import json
 import polars as pl
 import pytest
 
+from distillery.sandbox import isolation_layer
 from distillery.stages.execute import execute_programs, extract_program, program_answer
 
 
@@ -114,3 +115,10 @@ def test_a_program_without_reference_column_and_an_error():
 def test_missing_column_is_an_error():
     with pytest.raises(ValueError, match="no 'text' column"):
         execute_programs(pl.DataFrame({"completion": ["x"]}), column="text")
+
+
+def test_the_sandbox_layer_is_in_the_meta_for_the_manifest(executed):
+    assert executed.meta["sandbox"]["isolation"] == isolation_layer()
+    plain = execute_programs(pl.DataFrame({"completion": [_completion("print(3)")]}), isolation="none")
+    assert plain.meta["sandbox"] == {"isolation": "none", "setting": "none"}
+    assert plain.kept["program_answer"].to_list() == ["3"]
