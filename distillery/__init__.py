@@ -22,6 +22,16 @@ def code_version() -> str:
     return f"{__version__}+g{commit}{'.dirty' if dirty else ''}"
 
 
+def run_id() -> str:
+    """The id a flow's lineage and manifest carry: the Prefect flow run's id, or
+    ``local-<nanoseconds>`` when the flow's function runs outside a flow run."""
+    import time
+
+    from prefect.runtime import flow_run
+
+    return str(flow_run.get_id() or f"local-{time.time_ns()}")
+
+
 # Settings every run needs, whoever starts it (`distillery ...`, `make`, plain `pytest`, a
 # deployment's worker); a value the user set wins. The embedded Prefect server starts in a
 # subprocess: on a busy 2-core machine Prefect's default 20 s start-up timeout is not enough.

@@ -140,10 +140,10 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_reward_model(args: argparse.Namespace) -> int:
-    from distillery.store import _check_name
+    from distillery.store import check_name
 
     try:
-        _check_name(args.name)
+        check_name(args.name)
     except ValueError as err:
         return _fail(f"--name: {err}", 2)
     if not 0 < args.heldout_fraction < 1:

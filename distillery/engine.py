@@ -21,12 +21,12 @@ down to single requests, and a request that still kills it becomes an error resu
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from distillery.hardware import cpu_engine_env, resolve_dtype
+from distillery.logs import run_logger
 from schemas.recipe import EngineConfig, GenerationConfig
 
 # vLLM and the tokenizer must never reach for a model hub at run time.
@@ -36,17 +36,6 @@ MAX_RESTARTS = 3  # Ray restarts a dead engine actor this often...
 MAX_REPLACEMENTS = 3  # ...then the pool starts a new one in the same bundle, this often per replica
 BATCH_ATTEMPTS = 2  # a whole batch is sent this often before it is split
 _PING = [{"role": "user", "content": "ping"}]
-
-log = logging.getLogger(__name__)
-
-
-def _logger():
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # outside a Prefect run
-        return log
 
 
 def _seconds(name: str, default: float) -> float:
@@ -132,14 +121,13 @@ def with_resolved_dtype(engine: EngineConfig, model_path: str | None = None) -> 
     return engine.model_copy(update={"dtype": dtype}), why
 
 
-def _cpu_settings(engine: EngineConfig) -> None:
+def apply_cpu_settings(engine: EngineConfig) -> None:
     """The CPU build's settings, in this process's environment before vLLM starts: its KV cache
-    space and its threads (``distillery.hardware.cpu_engine_env``). A user's own values win."""
+    space and its threads (``distillery.hardware.cpu_engine_env``)."""
     if engine.gpus_per_replica > 0:
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(engine.kv_cache_gib))))
-    for key, value in cpu_engine_env().items():
-        os.environ.setdefault(key, value)
+    os.environ.update(cpu_engine_env(engine.replicas))
 
 
 class _OwnsEngineCore:
@@ -171,7 +159,7 @@ class VLLMEngine(_OwnsEngineCore):
             # vLLM logs to stdout; in a Ray worker that reaches the driver's stdout, whose last
             # line must stay the published URI. Send the engine's output to stderr instead.
             os.dup2(2, 1)
-        _cpu_settings(engine)
+        apply_cpu_settings(engine)
         from vllm import LLM
 
         self.dtype, _ = resolve_engine_dtype(engine, model_path)
@@ -261,7 +249,7 @@ class PoolingRewardModel(_OwnsEngineCore):
 
     def __init__(self, model_path: str, engine: EngineConfig) -> None:
         os.environ.update(ENGINE_ENV)
-        _cpu_settings(engine)  # the KV cache space: without it the CPU backend reserves 92% of RAM
+        apply_cpu_settings(engine)  # the KV cache space: without it the CPU backend reserves 92% of RAM
         from vllm import LLM
 
         self.dtype, _ = resolve_engine_dtype(engine, model_path)
@@ -404,7 +392,7 @@ class EnginePool:
                 error = err
                 with self._lock:
                     self.actor_failures += 1
-                _logger().warning(
+                run_logger(__name__).warning(
                     "engine %d died during a batch of %d requests (attempt %d of %d): %s; waiting for it to come back",
                     index, len(requests), attempt, attempts, _first_line(err),
                 )
@@ -412,7 +400,7 @@ class EnginePool:
         if len(requests) == 1:
             return [error_result(f"the engine died on this request {attempts} time(s): {type(error).__name__}: {_first_line(error)}")]
         half = len(requests) // 2
-        _logger().warning("engine %d: splitting a batch of %d requests that keeps killing it", index, len(requests))
+        run_logger(__name__).warning("engine %d: splitting a batch of %d requests that keeps killing it", index, len(requests))
         return self._generate(index, requests[:half], sampling, 1) + self._generate(index, requests[half:], sampling, 1)
 
     def _revive(self, index: int, dead) -> None:
@@ -433,7 +421,7 @@ class EnginePool:
                     msg = f"engine {index} died more than {(MAX_REPLACEMENTS + 1) * (MAX_RESTARTS + 1) - 1} times; giving up: {_first_line(err)}"
                     raise EngineLost(msg) from err
                 self.replaced[index] += 1
-                _logger().warning("engine %d is gone for good (%s); starting a new actor (%d of %d)", index, _first_line(err), self.replaced[index], MAX_REPLACEMENTS)
+                run_logger(__name__).warning("engine %d is gone for good (%s); starting a new actor (%d of %d)", index, _first_line(err), self.replaced[index], MAX_REPLACEMENTS)
                 ray.kill(actor)
                 self.actors[index] = self._new_actor(index)
         raise EngineLost(f"engine {index} could not be started again")

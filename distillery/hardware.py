@@ -16,7 +16,7 @@ The flags come from ``/proc/cpuinfo`` (``cpu_flags``); tests inject them.
 (``VLLM_CPU_OMP_THREADS_BIND=auto``) and by default keeps one core per worker free for the
 engine-core (scheduler) process. On a 2-core machine that leaves the model one thread; inside a
 Ray actor ``OMP_NUM_THREADS`` is the actor's ``num_cpus`` (1) as well. ``cpu_engine_env`` gives
-the settings ``make bench-cpu`` found fastest (see the comment there).
+the settings ``make bench-cpu`` found fastest (see the comment there): every core, unbound.
 """
 
 from __future__ import annotations
@@ -78,12 +78,32 @@ def resolve_dtype(requested: str, *, gpu: bool, model_dir: Path | str | None = N
     return "float32", "this CPU has no native bfloat16 (no avx512_bf16/amx_bf16/bf16 flag): bfloat16 would be emulated"
 
 
-def cpu_engine_env() -> dict[str, str]:
-    """Environment for a vLLM engine on the CPU build.
+def cpu_threads(replicas: int = 1) -> int:
+    """OpenMP threads for one CPU engine: ``DISTILLERY_CPU_THREADS`` if set, else this process's
+    cores (its CPU affinity) shared by the ``replicas`` engines of the run."""
+    value = os.environ.get("DISTILLERY_CPU_THREADS", "").strip()
+    if value:
+        return max(1, int(value))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, replicas))
 
-    ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``: vLLM's automatic binding (one OpenMP thread per physical
-    core) otherwise keeps one core per worker for the engine-core process, which sleeps while
-    the model runs. On 2 cores that halves the model's threads; ``make bench-cpu`` measures both
-    (bench/results/cpu_engine.json): see the README's "CPU engine settings". A user's own
-    ``VLLM_CPU_*`` settings win (``setdefault``)."""
-    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")}
+
+def cpu_engine_env(replicas: int = 1) -> dict[str, str]:
+    """Environment for a vLLM engine on the CPU build: every core the engine may have, unbound.
+
+    What ``make bench-cpu`` measured on 2 cores (bench/results/cpu_engine.json, the README's "CPU
+    engine settings"): vLLM's default binding keeps one core for the engine-core process, which
+    busy-polls while the model runs, so the model gets one thread (bfloat16 about 185 tokens/s,
+    steady). Binding two threads to both cores (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``) is fastest on
+    an idle machine (about 290) but collapses when anything else runs (65-160: a bound thread
+    that shares its core with the polling engine core stalls every barrier). Two unbound threads
+    (``VLLM_CPU_OMP_THREADS_BIND=nobind``) let the kernel move them: about 250 in bfloat16 and
+    1.4x the one-thread speed in float32, and they hold up under load. So: unbound, all cores.
+
+    ``OMP_NUM_THREADS`` is set, not defaulted: inside a Ray actor Ray has set it to the actor's
+    ``num_cpus`` (1). ``DISTILLERY_CPU_THREADS`` overrides the count; a user's own
+    ``VLLM_CPU_OMP_THREADS_BIND`` (e.g. explicit core lists) wins over ``nobind``."""
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+        "OMP_NUM_THREADS": str(cpu_threads(replicas)),
+    }

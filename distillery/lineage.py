@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import re
 import traceback
@@ -63,10 +62,10 @@ from openlineage.client.uuid import generate_new_uuid
 
 import distillery
 from distillery.accounting import StageCount
+from distillery.logs import run_logger
 from distillery.store import Store, parse_version_uri
 from distillery.uri_io import is_s3
 
-log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "distillery"
 LINEAGE_DIR = "_lineage"  # never a data set: store.NAME needs a letter or digit first
@@ -315,17 +314,8 @@ def _client_or_none():
     try:
         return make_client()
     except Exception as err:  # a bad openlineage.yml costs the endpoint, never the run
-        _logger().warning("lineage: no OpenLineage client (%s); events go to the store only", redact(str(err))[:500])
+        run_logger(__name__).warning("lineage: no OpenLineage client (%s); events go to the store only", redact(str(err))[:500])
         return None
-
-
-def _logger():
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # outside a Prefect run
-        return log
 
 
 @dataclass
@@ -488,14 +478,14 @@ class LineageRecorder:
             )
             self._emit(event)
         except Exception as err:  # lineage never turns a finished run into a failed one
-            _logger().warning("lineage: events of run %s not recorded: %s", self.run_id, err)
+            run_logger(__name__).warning("lineage: events of run %s not recorded: %s", self.run_id, err)
         if self._client is not None:
             try:
                 self._client.close(10.0)  # an asynchronous transport sends what it holds
             except Exception as err:
-                _logger().warning("lineage: closing the OpenLineage client: %s", redact(str(err))[:500])
+                run_logger(__name__).warning("lineage: closing the OpenLineage client: %s", redact(str(err))[:500])
         if self.unsent:
-            _logger().warning(
+            run_logger(__name__).warning(
                 "lineage: %d of %d events not sent to the OpenLineage endpoint (%s); all are in %s",
                 self.unsent, len(self.keys), self._send_error, self.store.uri(self.prefix),
             )
@@ -640,7 +630,7 @@ class LineageRecorder:
         except Exception as err:
             if strict:
                 raise
-            _logger().warning("lineage: could not write %s %s to the store: %s", event.job.name, state, err)
+            run_logger(__name__).warning("lineage: could not write %s %s to the store: %s", event.job.name, state, err)
         self._send(event)
 
     def _send(self, event: RunEvent) -> None:
@@ -654,7 +644,7 @@ class LineageRecorder:
         except Exception as err:
             self._send_error = redact(f"{type(err).__name__}: {err}")[:500]
             self.unsent += 1
-            _logger().warning(
+            run_logger(__name__).warning(
                 "lineage: the OpenLineage endpoint failed (%s); this run's events stay in %s only",
                 self._send_error, self.store.uri(self.prefix),
             )

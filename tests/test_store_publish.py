@@ -13,7 +13,7 @@ from distillery.stages.publish import check_counts, publish_version
 from distillery.store import Store
 
 
-def _rows(n):
+def sample_rows(n):
     return pl.DataFrame(
         {
             "sample_id": [f"s{i}" for i in range(n)],
@@ -40,14 +40,14 @@ def _rows(n):
 META = {"recipe": {"name": "t"}, "recipe_hash": "h", "code_version": "c", "generator": {"model": "m"}, "parents": [], "flow_run_id": "r"}
 
 
-def _publish(store, rows, stages=None, **kw):
+def publish_demo(store, rows, stages=None, **kw):
     stages = stages or [StageCount("ingest", rows.height, rows.height)]
     return publish_version(store, "demo", rows, empty_rejects(), input_rows=stages[0].rows_in, stages=stages, run_id="r", metadata=META, shard_rows=kw.get("shard_rows", 2))
 
 
 def test_publish_writes_readable_shards_with_checksums(tmp_path):
     store = Store(str(tmp_path))
-    published = _publish(store, _rows(5))
+    published = publish_demo(store, sample_rows(5))
     assert published.uri == f"{tmp_path}/demo/v0001"
     manifest = json.loads((tmp_path / "demo/v0001/manifest.json").read_text())
     assert [s["rows"] for s in manifest["shards"]] == [2, 2, 1]
@@ -57,7 +57,7 @@ def test_publish_writes_readable_shards_with_checksums(tmp_path):
     assert pl.read_parquet(tmp_path / "demo/v0001/data/*.parquet").height == 5
     assert pq.read_table(tmp_path / "demo/v0001/data").num_rows == 5
     assert (tmp_path / "demo/v0001/card.md").read_text().startswith("# demo v0001")
-    assert _publish(store, _rows(1)).manifest["version"] == "v0002"
+    assert publish_demo(store, sample_rows(1)).manifest["version"] == "v0002"
     assert store.versions("demo") == ["v0001", "v0002"]
 
 
@@ -65,7 +65,7 @@ def test_version_without_manifest_is_invisible_and_never_reused(tmp_path):
     store = Store(str(tmp_path))
     assert store.claim_version("demo", "crashed-run") == "v0001"  # a publish that died here
     assert store.versions("demo") == [] and store.datasets() == []
-    assert _publish(store, _rows(1)).manifest["version"] == "v0002"
+    assert publish_demo(store, sample_rows(1)).manifest["version"] == "v0002"
     assert store.versions("demo") == ["v0002"]
 
 
@@ -73,7 +73,7 @@ def test_counts_that_do_not_add_up_stop_the_publish(tmp_path):
     store = Store(str(tmp_path))
     stages = [StageCount("ingest", 5, 4, 1, {"invalid_json": 1}), StageCount("verify", 3, 3)]
     with pytest.raises(AccountingError, match="passed on 4 rows but 'verify' took 3"):
-        _publish(store, _rows(3), stages)
+        publish_demo(store, sample_rows(3), stages)
     with pytest.raises(AccountingError):
         check_counts(5, [StageCount("synthesize", 5, 9, 2, {"x": 0})], 9)
     assert store.children("") == []  # nothing was claimed or written
@@ -81,9 +81,9 @@ def test_counts_that_do_not_add_up_stop_the_publish(tmp_path):
 
 def test_contract_violation_stops_the_publish(tmp_path):
     with pytest.raises(ContractViolation, match="property 'completion' is missing"):
-        _publish(Store(str(tmp_path)), _rows(2).drop("completion"))
+        publish_demo(Store(str(tmp_path)), sample_rows(2).drop("completion"))
     with pytest.raises(ContractViolation, match="'sample_id' must be unique"):
-        load_contract("samples").check_table(pl.concat([_rows(1), _rows(1)]))
+        load_contract("samples").check_table(pl.concat([sample_rows(1), sample_rows(1)]))
 
 
 def test_dataset_names_cannot_escape_the_store(tmp_path):
@@ -93,7 +93,7 @@ def test_dataset_names_cannot_escape_the_store(tmp_path):
 
 def test_an_empty_version_meets_the_contract_and_reads_back(tmp_path):
     empty = load_contract("samples").empty_frame()
-    published = _publish(Store(str(tmp_path)), empty, [StageCount("ingest", 2, 0, 1, {"invalid_json": 2})])
+    published = publish_demo(Store(str(tmp_path)), empty, [StageCount("ingest", 2, 0, 1, {"invalid_json": 2})])
     assert published.manifest["counts"]["published"] == 0
     assert pl.read_parquet(tmp_path / "demo/v0001/data").schema == empty.schema
 
@@ -130,7 +130,7 @@ def small_disk(tmp_path):
 def _incompressible_rows(n: int, chars: int = 1000) -> pl.DataFrame:
     import os
 
-    return _rows(n).with_columns(pl.Series("completion", [os.urandom(chars // 2).hex() for _ in range(n)]))
+    return sample_rows(n).with_columns(pl.Series("completion", [os.urandom(chars // 2).hex() for _ in range(n)]))
 
 
 def _files(root) -> list[str]:
@@ -150,10 +150,10 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_partial_files(small_disk):
         assert _files(small_disk) == []  # no hidden temporary file, no half-written one
 
     with pytest.raises(StorageError, match=rf"^store {small_disk}: no space left on device \(writing demo/v0001/"):
-        _publish(store, _incompressible_rows(3000), shard_rows=500)
+        publish_demo(store, _incompressible_rows(3000), shard_rows=500)
     assert store.versions("demo") == []  # no visible version
     assert _files(small_disk) == ["demo/v0001/_claim"]  # what was written of it is gone; the number stays taken
-    published = _publish(store, _rows(3))  # with the space back, publishing works again
+    published = publish_demo(store, sample_rows(3))  # with the space back, publishing works again
     assert published.manifest["version"] == "v0002" and store.versions("demo") == ["v0002"]
 
 

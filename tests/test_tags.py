@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distillery.store import Store, VersionNotFound, parse_version_uri
-from tests.test_store_publish import _publish, _rows
+from tests.test_store_publish import publish_demo, sample_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,10 +33,10 @@ def _keys(store: Store) -> set[str]:
 
 
 def test_tags_move_without_copying_data(store):
-    _publish(store, _rows(3))
+    publish_demo(store, sample_rows(3))
     assert store.tag("demo", "stable", "v0001") == "v0001"
     before = _keys(store)
-    _publish(store, _rows(2))
+    publish_demo(store, sample_rows(2))
     # latest moved to the new version by itself; the user tag stayed
     assert store.manifest("demo")["version"] == "v0002"
     assert store.manifest("demo", "stable")["version"] == "v0001"
@@ -55,7 +55,7 @@ def test_tags_move_without_copying_data(store):
 
 
 def test_bad_tags_are_refused(store):
-    _publish(store, _rows(1))
+    publish_demo(store, sample_rows(1))
     for bad in ("latest", "v0001", "../escape", "Has Space"):
         with pytest.raises(ValueError, match="tag"):
             store.tag("demo", bad, "v0001")
@@ -68,8 +68,8 @@ def test_bad_tags_are_refused(store):
 
 def test_tag_uris_resolve(tmp_path):
     store = Store(str(tmp_path / "store"))
-    _publish(store, _rows(2))
-    _publish(store, _rows(4))
+    publish_demo(store, sample_rows(2))
+    publish_demo(store, sample_rows(4))
     store.tag("demo", "gold", "v0001")
     root, name, ref = parse_version_uri(f"{store.root}/demo@gold")
     assert (root.root, name, ref) == (store.root, "demo", "gold")
@@ -79,8 +79,8 @@ def test_tag_uris_resolve(tmp_path):
 
 def test_cli_tag_and_show_by_tag(tmp_path):
     store = Store(str(tmp_path / "store"))
-    _publish(store, _rows(2))
-    _publish(store, _rows(4))
+    publish_demo(store, sample_rows(2))
+    publish_demo(store, sample_rows(4))
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "distillery.cli", "datasets", "--store", store.root, *args], capture_output=True, text=True, cwd=ROOT)

@@ -69,7 +69,7 @@ def signature_params(cfg: DedupConfig) -> dict:
     return {"num_perm": cfg.num_perm, "seed": cfg.seed, "ngram": cfg.ngram, "scheme": minhash.HASH_SCHEME}
 
 
-def _banding(cfg: DedupConfig) -> tuple[int, int]:
+def banding(cfg: DedupConfig) -> tuple[int, int]:
     if cfg.bands is not None:
         return cfg.bands, cfg.rows_per_band
     # Checked candidates cost little and false positives are removed by the check, so weight
@@ -87,7 +87,7 @@ def near_duplicate_clusters(
     pairs with their similarity (signature estimate, or exact shingle Jaccard when
     ``cfg.verify_candidates == "exact"``; ``texts`` is needed then).
     """
-    bands, rows = _banding(cfg)
+    bands, rows = banding(cfg)
     pairs = minhash.candidate_pairs(minhash.band_keys(sigs, bands, rows))
     if cfg.verify_candidates == "exact" and texts is not None and len(pairs):
         similarity = minhash.exact_jaccard(texts, pairs, ngram=cfg.ngram)
@@ -102,7 +102,7 @@ def near_duplicate_clusters(
     return labels, pairs, similarity
 
 
-def _priority_order(samples: pl.DataFrame) -> pl.DataFrame:
+def priority_order(samples: pl.DataFrame) -> pl.DataFrame:
     """Rows in keep-policy order: correct first, then higher reward, then earliest."""
     frame = samples.with_row_index("__input_order")
     keys, descending = [], []
@@ -135,7 +135,7 @@ def dedup_samples(
     hashes and MinHash signatures, for publishing beside the version (later runs dedup against
     them without reading text). ``signature_fn`` lets the flow compute signatures on Ray.
     """
-    ordered = _priority_order(samples)
+    ordered = priority_order(samples)
     n = ordered.height
     ids = ordered["sample_id"].cast(pl.Utf8).to_list()
     texts = ordered[text_column].fill_null("").to_list()

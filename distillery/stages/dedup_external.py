@@ -49,7 +49,7 @@ from scipy.sparse.csgraph import connected_components
 
 from distillery import minhash
 from distillery.accounting import StageCount, empty_rejects, rows_to_rejects
-from distillery.stages.dedup import EarlierRows, _banding, _priority_order, normalize_text
+from distillery.stages.dedup import EarlierRows, banding, priority_order, text_hash
 from schemas.recipe import DedupConfig
 
 STAGE = "dedup"
@@ -121,7 +121,7 @@ class ExternalDedup:
         self.cfg, self.text_column = cfg, text_column
         self.budget = bucket_bytes or DEFAULT_BUCKET_BYTES
         self.workdir = Path(workdir)
-        self.bands, self.band_rows = _banding(cfg)
+        self.bands, self.band_rows = banding(cfg)
         self.earlier = list(earlier)
         self.old_refs = [(e.uri, sid) for e in self.earlier for sid in e.sample_ids]
         self.m = len(self.old_refs)
@@ -148,7 +148,7 @@ class ExternalDedup:
         if signatures is None:
             signatures = np.zeros((rows.height, self.cfg.num_perm), dtype=np.uint32)
         texts = rows[self.text_column].cast(pl.Utf8).fill_null("").to_list()
-        digests_hex = [minhash_digest(t) for t in texts]
+        digests_hex = [text_hash(t) for t in texts]
         folder = self.workdir / "shards" / f"{len(self.shards):05d}"
         folder.mkdir()
         rows.write_ipc(folder / "rows.arrow", compat_level=pl.CompatLevel.oldest())  # large_string: pyarrow takes from it in place
@@ -258,7 +258,7 @@ class ExternalDedup:
         keys = pl.concat(
             [pl.read_ipc(path) if path.exists() else pl.DataFrame({"__none": [None] * s.rows}) for s, path in files], how="diagonal_relaxed"
         )
-        self.row_of = _priority_order(keys.with_row_index("__row"))["__row"].to_numpy().astype(np.int64)
+        self.row_of = priority_order(keys.with_row_index("__row"))["__row"].to_numpy().astype(np.int64)
         self.rank_of = np.empty_like(self.row_of)
         self.rank_of[self.row_of] = np.arange(self.row_of.size)
 
@@ -360,13 +360,6 @@ class ExternalDedup:
 
     def close(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def minhash_digest(text: str) -> str:
-    """``dedup.text_hash``: sha256 of the normalized text."""
-    import hashlib
-
-    return hashlib.sha256(normalize_text(text).encode()).hexdigest()
 
 
 def _exact_duplicates(records: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

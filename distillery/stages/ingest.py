@@ -83,7 +83,7 @@ class UnreadableInput(ValueError):
     """The input cannot be read as a whole (see the module's docstring); the message names it."""
 
 
-class _Bad(Exception):
+class BadRow(Exception):
     """A row's quarantine reason. ``unreadable``: the row did not even decode (bytes or JSON syntax)."""
 
     def __init__(self, reason: str, detail: str, *, unreadable: bool = False) -> None:
@@ -157,7 +157,7 @@ def resolve_format(uri: str, fmt: str, head: bytes) -> str:
             return "jsonl"
         fmt = "parquet"
     if not head and fmt == "parquet":
-        raise EmptyInput(f"{uri}: {_why_empty(b'', 'jsonl')}")
+        raise EmptyInput(f"{uri}: {why_empty(b'', 'jsonl')}")
     if fmt == "jsonl" and kind == "parquet":
         raise UnreadableInput(f"{uri}: a Parquet file, but the format is jsonl; set the format to parquet (or auto)")
     if fmt == "parquet" and kind != "parquet":
@@ -221,7 +221,7 @@ _DECODE_ERRORS = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSErr
 
 
 def jsonl_records(raw: BinaryIO, uri: str, max_row_bytes: int | None = DEFAULT_MAX_ROW_BYTES) -> Iterator[tuple[int, Any, str]]:
-    """``(line number from 0, parsed value or _Bad, raw text)`` for every non-blank line of a JSONL
+    """``(line number from 0, parsed value or BadRow, raw text)`` for every non-blank line of a JSONL
     byte stream, decompressed as it is read when its first bytes say gzip or zstd, after a UTF-8
     byte-order mark. Raises :class:`EmptyInput` for no rows, :class:`UnreadableInput` for an input
     unreadable as a whole (the module's docstring says which)."""
@@ -248,7 +248,7 @@ def jsonl_records(raw: BinaryIO, uri: str, max_row_bytes: int | None = DEFAULT_M
                 continue  # blank lines (and the final newline) are layout, not rows
             n += 1
             record = parse_jsonl_line(i, line, max_row_bytes)
-            if isinstance(record[1], _Bad) and record[1].unreadable:
+            if isinstance(record[1], BadRow) and record[1].unreadable:
                 unreadable += 1
                 first_problem = first_problem or record[1].detail
             yield record
@@ -258,7 +258,7 @@ def jsonl_records(raw: BinaryIO, uri: str, max_row_bytes: int | None = DEFAULT_M
     if n == 0:
         if container:
             raise EmptyInput(f"{uri}: the {container}-compressed input holds {'only blank lines' if any_bytes else 'nothing'}: no rows to read")
-        raise EmptyInput(f"{uri}: {_why_empty(b' ' if any_bytes else b'', 'jsonl')}")
+        raise EmptyInput(f"{uri}: {why_empty(b' ' if any_bytes else b'', 'jsonl')}")
     if unreadable == n:
         raise UnreadableInput(
             f"{uri}: no line of the file decodes as JSON ({n:,} line(s), every one invalid_utf8 or invalid_json; {first_problem}): "
@@ -270,7 +270,7 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # in raw JSON text: where 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def value_problem(value: Any, raw: str, where: str) -> _Bad | None:
+def value_problem(value: Any, raw: str, where: str) -> BadRow | None:
     """Why a parsed row cannot go on (nested more than ``MAX_NESTING`` deep: ``invalid_json``; a
     lone surrogate in a string or key: ``invalid_utf8``), or None. ``raw`` is its JSON text: a row
     with few brackets and no ``\\uD8..``-``\\uDF..`` escape is not walked at all."""
@@ -283,10 +283,10 @@ def value_problem(value: Any, raw: str, where: str) -> _Bad | None:
         if isinstance(item, str):
             found = _SURROGATE.search(item)
             if found:
-                return _Bad("invalid_utf8", f"{where}: a string holds a lone surrogate (\\u{ord(found.group()):04x}), which is not UTF-8")
+                return BadRow("invalid_utf8", f"{where}: a string holds a lone surrogate (\\u{ord(found.group()):04x}), which is not UTF-8")
         elif isinstance(item, (dict, list)):
             if depth > MAX_NESTING:
-                return _Bad("invalid_json", f"{where}: nested more than {MAX_NESTING} levels deep (at most {MAX_NESTING})")
+                return BadRow("invalid_json", f"{where}: nested more than {MAX_NESTING} levels deep (at most {MAX_NESTING})")
             if isinstance(item, dict):
                 stack.extend((k, depth) for k in item)
                 stack.extend((v, depth + 1) for v in item.values())
@@ -296,14 +296,14 @@ def value_problem(value: Any, raw: str, where: str) -> _Bad | None:
 
 
 def parquet_row(i: int, row: dict, max_row_bytes: int | None) -> tuple[int, Any, str]:
-    """One Parquet row (number ``i`` from 0) -> ``(i, row or _Bad, its JSON text)``."""
+    """One Parquet row (number ``i`` from 0) -> ``(i, row or BadRow, its JSON text)``."""
     try:
         raw = json.dumps(row, default=str)
     except RecursionError:
-        return i, _Bad("invalid_json", f"row {i + 1}: nested too deeply to write as JSON (at most {MAX_NESTING} levels)"), repr(row)[:1 << 20]
+        return i, BadRow("invalid_json", f"row {i + 1}: nested too deeply to write as JSON (at most {MAX_NESTING} levels)"), repr(row)[:1 << 20]
     size = len(raw.encode())
     if max_row_bytes is not None and size > max_row_bytes:
-        return i, _Bad("too_large", f"row {i + 1}: {size:,} bytes as JSON, more than max_row_bytes ({max_row_bytes:,})"), raw
+        return i, BadRow("too_large", f"row {i + 1}: {size:,} bytes as JSON, more than max_row_bytes ({max_row_bytes:,})"), raw
     bad = value_problem(row, raw, f"row {i + 1}")
     return i, (bad if bad is not None else row), raw
 
@@ -353,7 +353,7 @@ def arrow_rows(batch, first: int, max_row_bytes: int | None) -> Iterator[tuple[i
         try:
             yield parquet_row(first + k, one.to_pylist()[0], max_row_bytes)
         except (ValueError, TypeError, OverflowError, NotImplementedError) as err:
-            yield first + k, _Bad("type_mismatch", f"row {first + k + 1}: a value pyarrow cannot convert ({err})"), str(one)[: 1 << 20]
+            yield first + k, BadRow("type_mismatch", f"row {first + k + 1}: a value pyarrow cannot convert ({err})"), str(one)[: 1 << 20]
 
 
 def parquet_error(uri: str, err: Exception) -> UnreadableInput:
@@ -367,7 +367,7 @@ def _source_uri(cfg: SeedsConfig) -> str:
 
 
 def raw_records(cfg: SeedsConfig, data: bytes | None = None) -> Iterator[tuple[int, Any, str]]:
-    """``(row number, parsed value or _Bad, raw text)`` for every input row, bad ones included."""
+    """``(row number, parsed value or BadRow, raw text)`` for every input row, bad ones included."""
     if cfg.builtin is not None:
         for i, row in enumerate(arithmetic_problems(cfg.builtin.count, seed=cfg.builtin.seed, kind=cfg.builtin.kind)):
             yield i, row, json.dumps(row)
@@ -377,7 +377,7 @@ def raw_records(cfg: SeedsConfig, data: bytes | None = None) -> Iterator[tuple[i
 
 def file_records(path: str, fmt: str, data: bytes, max_row_bytes: int | None = DEFAULT_MAX_ROW_BYTES) -> Iterator[tuple[int, Any, str]]:
     """Rows of a JSONL (maybe compressed) or Parquet file's bytes; a line that is not UTF-8 or not
-    JSON, or a row over ``max_row_bytes``, is a ``_Bad``. Raises :class:`EmptyInput` if the file
+    JSON, or a row over ``max_row_bytes``, is a ``BadRow``. Raises :class:`EmptyInput` if the file
     has no rows, :class:`UnreadableInput` if it cannot be read as a whole."""
     fmt = resolve_format(path, fmt, data[:SNIFF_BYTES])
     if fmt == "parquet":
@@ -387,12 +387,12 @@ def file_records(path: str, fmt: str, data: bytes, max_row_bytes: int | None = D
             raise parquet_error(path, err) from None
         yield from arrow_rows(table, 0, max_row_bytes)
         if table.num_rows == 0:
-            raise EmptyInput(f"{path}: {_why_empty(data, fmt)}")
+            raise EmptyInput(f"{path}: {why_empty(data, fmt)}")
         return
     yield from jsonl_records(io.BufferedReader(io.BytesIO(data), buffer_size=1 << 20), path, max_row_bytes)
 
 
-def _why_empty(data: bytes, fmt: str) -> str:
+def why_empty(data: bytes, fmt: str) -> str:
     if not data:
         return "the input is empty (0 bytes): no rows to read"
     if fmt == "parquet":
@@ -401,24 +401,24 @@ def _why_empty(data: bytes, fmt: str) -> str:
 
 
 def parse_jsonl_line(i: int, line: bytes, max_row_bytes: int | None = DEFAULT_MAX_ROW_BYTES) -> tuple[int, Any, str]:
-    """One JSONL line (number ``i`` from 0, without its newline) -> ``(i, value or _Bad, raw text)``.
+    """One JSONL line (number ``i`` from 0, without its newline) -> ``(i, value or BadRow, raw text)``.
 
     A line over ``max_row_bytes`` is ``too_large`` and is not parsed (a 5 GB line costs no JSON
     objects); its raw text is still kept whole for the rejects."""
     if max_row_bytes is not None and len(line) > max_row_bytes:
-        return i, _Bad("too_large", f"line {i + 1}: {len(line):,} bytes, more than max_row_bytes ({max_row_bytes:,})"), line.decode("utf-8", "replace")
+        return i, BadRow("too_large", f"line {i + 1}: {len(line):,} bytes, more than max_row_bytes ({max_row_bytes:,})"), line.decode("utf-8", "replace")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as err:
-        return i, _Bad("invalid_utf8", f"line {i + 1}: not UTF-8 ({err.reason} at byte {err.start})", unreadable=True), line.decode("utf-8", "replace")
+        return i, BadRow("invalid_utf8", f"line {i + 1}: not UTF-8 ({err.reason} at byte {err.start})", unreadable=True), line.decode("utf-8", "replace")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        return i, _Bad("invalid_json", f"line {i + 1}: {err.msg} at column {err.colno}", unreadable=True), text
+        return i, BadRow("invalid_json", f"line {i + 1}: {err.msg} at column {err.colno}", unreadable=True), text
     except RecursionError:
-        return i, _Bad("invalid_json", f"line {i + 1}: nested too deeply to parse (at most {MAX_NESTING} levels)", unreadable=True), text
+        return i, BadRow("invalid_json", f"line {i + 1}: nested too deeply to parse (at most {MAX_NESTING} levels)", unreadable=True), text
     except ValueError as err:  # an integer of more than 4,300 digits (Python's int parsing limit)
-        return i, _Bad("invalid_json", f"line {i + 1}: {err}".split("; use sys.")[0], unreadable=True), text
+        return i, BadRow("invalid_json", f"line {i + 1}: {err}".split("; use sys.")[0], unreadable=True), text
     bad = value_problem(value, text, f"line {i + 1}")
     return i, (bad if bad is not None else value), text
 
@@ -443,7 +443,7 @@ def preflight_input(uri: str) -> None:
         except Exception as err:
             raise s3_error(uri, err) from err
         if size == 0:
-            raise EmptyInput(f"{uri}: {_why_empty(b'', 'jsonl')}")
+            raise EmptyInput(f"{uri}: {why_empty(b'', 'jsonl')}")
         return
     path = Path(uri).expanduser()
     if not path.exists():
@@ -452,7 +452,7 @@ def preflight_input(uri: str) -> None:
         raise StorageError(f"{uri}: is a folder, expected a file")
     size = path.stat().st_size
     if size == 0 or (size < 1 << 16 and path.suffix.lower() not in (".parquet", ".pq") and not path.read_bytes().strip()):
-        raise EmptyInput(f"{uri}: {_why_empty(b'' if size == 0 else b' ', 'jsonl')}")
+        raise EmptyInput(f"{uri}: {why_empty(b'' if size == 0 else b' ', 'jsonl')}")
     with path.open("rb") as f:
         _sniff(uri, f.read(SNIFF_BYTES))  # a ZIP, an image, UTF-16 text...: refused in a second
 
@@ -626,7 +626,7 @@ class ColumnTypes:
         self.since: dict[str, int] = {}  # path -> the row (from 0) that first gave it a type
 
     def admit(self, row: dict, row_number: int) -> dict:
-        """``row`` as the columns carry it, the column types widened to hold it; or :class:`_Bad`."""
+        """``row`` as the columns carry it, the column types widened to hold it; or :class:`BadRow`."""
         fix: list = []
         changed: dict[str, tuple] = {}
         since: dict[str, bool] = {}
@@ -644,7 +644,7 @@ class ColumnTypes:
                 if new is not old:
                     changed[name] = new
         except _Mismatch as err:
-            raise _Bad("type_mismatch", f"{self.unit} {row_number + 1}: {self._detail(err, err.path == name)}") from None
+            raise BadRow("type_mismatch", f"{self.unit} {row_number + 1}: {self._detail(err, err.path == name)}") from None
         self.types.update(changed)
         for path in since:
             self.since.setdefault(path, row_number)
@@ -675,14 +675,14 @@ class ColumnTypes:
 
 
 def check_row(value: Any, row_number: int, text_column: str, id_column: str | None) -> tuple[str, dict]:
-    """One input row -> ``(sample_id, row)``, or :class:`_Bad` with the reason (``ingest_rows``' checks)."""
-    if isinstance(value, _Bad):
+    """One input row -> ``(sample_id, row)``, or :class:`BadRow` with the reason (``ingest_rows``' checks)."""
+    if isinstance(value, BadRow):
         raise value
     if not isinstance(value, dict):
-        raise _Bad("not_an_object", f"expected a JSON object, got {type(value).__name__}")
+        raise BadRow("not_an_object", f"expected a JSON object, got {type(value).__name__}")
     text = _field(value, text_column)
     if not isinstance(text, str):
-        raise _Bad("wrong_type", f"field '{text_column}': expected string, got {type(text).__name__}")
+        raise BadRow("wrong_type", f"field '{text_column}': expected string, got {type(text).__name__}")
     sample_id = str(_field(value, id_column)) if id_column else str(value.get("sample_id") or f"row-{row_number:09d}")
     return sample_id, {**value, "sample_id": sample_id}
 
@@ -716,10 +716,10 @@ def ingest_rows(uri: str, *, text_column: str, id_column: str | None = None, fmt
         try:
             sample_id, row = check_row(value, row_number, text_column, id_column)
             if sample_id in seen:
-                raise _Bad("duplicate_id", f"id {sample_id} repeats")
+                raise BadRow("duplicate_id", f"id {sample_id} repeats")
             seen.add(sample_id)  # a row quarantined for its types still holds its id (as in IngestBatches)
             row = types.admit(row, row_number)
-        except _Bad as bad:
+        except BadRow as bad:
             rejects.append({"stage": "ingest", "reason": bad.reason, "detail": bad.detail, "seed_id": None, "sample_id": None, "record": raw})
             continue
         rows.append(row)
@@ -733,31 +733,31 @@ def ingest_rows(uri: str, *, text_column: str, id_column: str | None = None, fmt
 
 def _field(row: dict[str, Any], name: str) -> Any:
     if name not in row or row[name] is None:
-        raise _Bad("missing_field", f"field '{name}' is missing")
+        raise BadRow("missing_field", f"field '{name}' is missing")
     return row[name]
 
 
 def map_seed(row: Any, cfg: SeedsConfig, source: str, row_number: int) -> dict[str, Any]:
-    """One input row -> one normalized seed, or :class:`_Bad` with the reason."""
+    """One input row -> one normalized seed, or :class:`BadRow` with the reason."""
     if not isinstance(row, dict):
-        raise _Bad("not_an_object", f"expected a JSON object, got {type(row).__name__}")
+        raise BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}")
     parts = []
     for name in cfg.fields.question_fields:
         value = _field(row, name)
         if not isinstance(value, str):
-            raise _Bad("wrong_type", f"field '{name}': expected string, got {type(value).__name__}")
+            raise BadRow("wrong_type", f"field '{name}': expected string, got {type(value).__name__}")
         parts.append(value.strip())
     question = " ".join(p for p in parts if p)
     reference = None
     if cfg.fields.answer is not None:
         raw_answer = _field(row, cfg.fields.answer)
         if isinstance(raw_answer, bool) or not isinstance(raw_answer, (str, int, float)):
-            raise _Bad("wrong_type", f"field '{cfg.fields.answer}': expected string or number, got {type(raw_answer).__name__}")
+            raise BadRow("wrong_type", f"field '{cfg.fields.answer}': expected string or number, got {type(raw_answer).__name__}")
         if isinstance(raw_answer, float) and raw_answer.is_integer():
             raw_answer = int(raw_answer)  # SVAMP stores 27 as 27.0
         reference = reference_answer(str(raw_answer), answer_format=cfg.answer_format)
         if reference is None:
-            raise _Bad("no_reference_answer", f"field '{cfg.fields.answer}': no final answer found ({cfg.answer_format} format)")
+            raise BadRow("no_reference_answer", f"field '{cfg.fields.answer}': no final answer found ({cfg.answer_format} format)")
     if cfg.fields.id is not None:
         seed_id = str(_field(row, cfg.fields.id))
     else:
@@ -784,15 +784,15 @@ def ingest_seeds(cfg: SeedsConfig, data: bytes | None = None) -> StageResult:
             break
         n_in += 1
         try:
-            if isinstance(value, _Bad):
+            if isinstance(value, BadRow):
                 raise value
             seed = map_seed(value, cfg, source, row_number)
             problems = contract.row_violations(seed)
             if problems:
-                raise _Bad(problems[0][0], "; ".join(detail for _, detail in problems))
+                raise BadRow(problems[0][0], "; ".join(detail for _, detail in problems))
             if seed["seed_id"] in seen:
-                raise _Bad("duplicate_seed", f"seed_id {seed['seed_id']} repeats row {seen[seed['seed_id']]}")
-        except _Bad as bad:
+                raise BadRow("duplicate_seed", f"seed_id {seed['seed_id']} repeats row {seen[seed['seed_id']]}")
+        except BadRow as bad:
             rejects.append({"stage": "ingest", "reason": bad.reason, "detail": bad.detail, "seed_id": None, "sample_id": None, "record": raw})
             continue
         seen[seed["seed_id"]] = row_number

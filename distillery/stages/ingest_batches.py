@@ -40,8 +40,8 @@ from distillery.stages.ingest import (
     SNIFF_BYTES,
     ColumnTypes,
     EmptyInput,
-    _Bad,
-    _why_empty,
+    BadRow,
+    why_empty,
     arrow_rows,
     check_row,
     jsonl_records,
@@ -131,7 +131,7 @@ class IngestBatches:
                     yield from jsonl_records(io.BufferedReader(hashing, buffer_size=1 << 20), self.uri, self.max_row_bytes)
                     self.parent["sha256"] = hashing.sha256.hexdigest()
         if fmt == "parquet" and n == 0:  # as ingest.file_records: no rows at all is a bad input, not bad rows
-            raise EmptyInput(f"{self.uri}: {_why_empty(b' ', fmt)}")
+            raise EmptyInput(f"{self.uri}: {why_empty(b' ', fmt)}")
 
     def _parquet_records(self, source) -> Iterator[tuple[int, Any, str]]:
         try:
@@ -174,25 +174,25 @@ class IngestBatches:
         self.parent["rows"] = n_in
 
     def _batch(self, records: list[tuple[int, Any, str]]) -> StageResult:
-        checked: list[tuple[str, dict] | _Bad] = []
+        checked: list[tuple[str, dict] | BadRow] = []
         for row_number, value, _ in records:
             try:
                 checked.append(check_row(value, row_number, self.text_column, self.id_column))
-            except _Bad as bad:
+            except BadRow as bad:
                 checked.append(bad)
-        repeats = self._repeated_ids([c[0] for c in checked if not isinstance(c, _Bad)])
+        repeats = self._repeated_ids([c[0] for c in checked if not isinstance(c, BadRow)])
         rows, rejects, k = [], [], 0
         for (row_number, _, raw), result in zip(records, checked, strict=True):
-            if not isinstance(result, _Bad):
+            if not isinstance(result, BadRow):
                 sample_id, row = result
                 k += 1
                 if repeats[k - 1]:
-                    result = _Bad("duplicate_id", f"id {sample_id} repeats")
+                    result = BadRow("duplicate_id", f"id {sample_id} repeats")
                 else:
                     try:  # in input order, after the id check, as ingest_rows does
                         rows.append(self._types.admit(row, row_number))
                         continue
-                    except _Bad as bad:
+                    except BadRow as bad:
                         result = bad
             rejects.append({"stage": "ingest", "reason": result.reason, "detail": result.detail, "seed_id": None, "sample_id": None, "record": raw})
         kept = self._types.frame(rows) if rows else pl.DataFrame(schema=self.schema)

@@ -351,7 +351,7 @@ def publish_reward_model(
     ``metadata`` carries ``base_model``, ``training_data``, ``split``, ``metrics``,
     ``hyperparameters`` and the lineage fields, into the manifest as they are.
     """
-    from distillery.stages.reward_training import HEAD_TENSOR, head_bytes
+    from distillery.model_setup import HEAD_TENSOR, head_bytes
 
     data_contract, version = _check_and_claim(store, name, examples, input_rows=input_rows, stages=stages, run_id=run_id, contract="reward-examples")
     base = f"{name}/{version}"

@@ -13,7 +13,7 @@ regression on fixed features:
 3. :func:`last_token_features`: transformers on CPU (float32), the chat rendered exactly as
    :meth:`distillery.engine.PoolingRewardModel.render` renders it, the vector the head sees.
 4. :func:`fit_head`: class-balanced, L2-regularized logistic regression without bias (LBFGS).
-5. :func:`roc_auc` on both sides; :func:`write_reward_model` builds the folder vLLM serves.
+5. :func:`roc_auc` on both sides; :func:`distillery.model_setup.write_reward_model` builds the folder vLLM serves.
 
 Everything here is a plain function; ``flows/train_reward_model.py`` composes them.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,12 +31,18 @@ import polars as pl
 
 from distillery.accounting import StageResult
 
+# The head's file and the classifier folder built from it live with the other model folders
+# (distillery/model_setup.py); importable from here too, where the trainer's callers look for them.
+from distillery.model_setup import HEAD_TENSOR as HEAD_TENSOR
+from distillery.model_setup import head_bytes as head_bytes
+from distillery.model_setup import head_from_bytes as head_from_bytes
+from distillery.model_setup import write_reward_model as write_reward_model
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 STAGE = "select_examples"
 REQUIRED_COLUMNS = ("sample_id", "seed_id", "question", "completion", "correct")
-HEAD_TENSOR = "score.weight"
 DEFAULT_L2 = 1e-2  # held-out AUC was flat from 1e-4 to 1e-1 on GSM8K reference vs. corrupted answers
 
 # Drop reasons of the select_examples stage (a row gets the first that applies).
@@ -237,60 +242,3 @@ def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.nd
 
     ranks = rankdata(s, method="average")  # ties share their average rank: half a win each way
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def head_bytes(weight: np.ndarray) -> bytes:
-    """The trained head as a safetensors file: one tensor ``score.weight``, ``[1, hidden]`` float32."""
-    from safetensors.numpy import save
-
-    return save({HEAD_TENSOR: np.ascontiguousarray(np.asarray(weight, dtype=np.float32).reshape(1, -1))}, metadata={"format": "pt"})
-
-
-def head_from_bytes(data: bytes) -> np.ndarray:
-    from safetensors.numpy import load
-
-    return load(data)[HEAD_TENSOR].reshape(-1)
-
-
-def write_reward_model(base_dir: Path | str, weight: np.ndarray, dest: Path | str, *, info: dict | None = None) -> Path:
-    """The classifier folder vLLM serves: ``make_classifier(base)`` with ``score.weight`` set to
-    ``weight``. Built beside ``dest`` and renamed into place, so ``dest`` appears complete or not
-    at all; ``info`` (lineage) is written as ``distillery_model.json``."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.numpy import save_file
-
-    from distillery.model_setup import INFO_FILE, _weights_sha256, make_classifier
-
-    dest = Path(dest)
-    staging = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    make_classifier(Path(base_dir), staging, num_labels=1)
-    head = np.asarray(weight, dtype=np.float32).reshape(1, -1)
-    for file in sorted(staging.glob("*.safetensors")):
-        with safe_open(file, framework="np") as f:
-            if HEAD_TENSOR not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
-                continue
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-            metadata = f.metadata()
-        if tensors[HEAD_TENSOR].shape != head.shape:
-            shutil.rmtree(staging, ignore_errors=True)
-            msg = f"the head has shape {head.shape} but the base model's score layer is {tensors[HEAD_TENSOR].shape}"
-            raise ValueError(msg)
-        tensors[HEAD_TENSOR] = head.astype(tensors[HEAD_TENSOR].dtype)
-        save_file(tensors, file, metadata=metadata)
-        break
-    else:
-        shutil.rmtree(staging, ignore_errors=True)
-        msg = f"{staging}: no {HEAD_TENSOR} in the classifier's weights"
-        raise RuntimeError(msg)
-    if info is not None:
-        (staging / INFO_FILE).write_text(json.dumps({**info, "sha256": _weights_sha256(staging)}, indent=2) + "\n")
-    try:
-        staging.rename(dest)
-    except OSError:
-        if not (dest / "config.json").is_file():  # someone else finished first: use theirs
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-    return dest

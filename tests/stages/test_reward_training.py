@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from distillery.accounting import StageCount, rows_to_rejects
-from tests.test_store_publish import _publish, _rows
+from tests.test_store_publish import publish_demo, sample_rows
 
 from distillery.stages.reward_training import (
     fit_head,
@@ -252,7 +252,7 @@ def test_materialize_refuses_a_head_trained_on_other_base_weights(base, tmp_path
         materialize_reward_model(published.uri, base_model=str(base))
     assert "0" * 64 in str(err.value) and identity["sha256"] in str(err.value)
     assert not (tmp_path / "cache").exists()
-    samples = _publish(store, _rows(2))
+    samples = publish_demo(store, sample_rows(2))
     with pytest.raises(ValueError, match="is a samples data set, not a reward model"):
         materialize_reward_model(samples.uri)
     assert materialize_reward_model(str(base)) == base  # a plain model folder is returned as it is
