@@ -39,6 +39,7 @@ RUN_ENV = {
     "HF_HUB_OFFLINE": "1",  # models come from files; nothing is fetched from a hub at run time
     "TRANSFORMERS_OFFLINE": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry calls out
 }
 
 

@@ -56,8 +56,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe, overrides)
     except RecipeError as err:
         return _fail(str(err), 2)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls out
     from distillery.model_setup import ModelNotFound, resolve_model_path
 
     try:
@@ -130,7 +128,6 @@ def cmd_curate(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe, overrides, model=CurateRecipe)
     except RecipeError as err:
         return _fail(str(err), 2)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     failed = preflight(args.store, [args.input])
     if failed is not None:
         return failed
@@ -148,8 +145,6 @@ def cmd_train_reward_model(args: argparse.Namespace) -> int:
         return _fail(f"--name: {err}", 2)
     if not 0 < args.heldout_fraction < 1:
         return _fail(f"--heldout-fraction: must be between 0 and 1 (exclusive), got {args.heldout_fraction}", 2)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from distillery.model_setup import ModelNotFound, resolve_model_path
     from distillery.store import VersionNotFound
     from distillery.uri_io import StorageError
@@ -295,7 +290,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from distillery.deploy import DeployError, deploy
 
     if args.gpus is not None and args.gpus < 0:

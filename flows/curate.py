@@ -21,22 +21,19 @@ rejects, same counts: ``tests/flows/test_curate_streaming.py``). The spill folde
 
 from __future__ import annotations
 
-import logging
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import polars as pl
-from prefect import flow, get_run_logger
-from prefect.exceptions import MissingContextError
-from prefect.runtime import flow_run
+from prefect import flow
 from prefect.utilities.annotations import quote
 
 import distillery
 from distillery.accounting import REJECT_SCHEMA, StageCount, StageResult
 from distillery.engine import start_ray
 from distillery.lineage import LineageRecorder
+from distillery.logs import run_logger
 from distillery.stages.collapse import check_gate, collapse_report
 from distillery.stages.collapse_external import collapse_report_sharded
 from distillery.stages.dedup import signature_params
@@ -88,7 +85,7 @@ def curation_metadata(results: list[StageResult]) -> dict:
 @flow(name="curate", log_prints=True)
 def curate(recipe: CurateRecipe, input_uri: str, store: str = "store", shard_rows: int = SHARD_ROWS) -> str:
     """Curate an existing data set (file or published version) and publish it as a new version."""
-    run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")
+    run_id = distillery.run_id()
     recorder = LineageRecorder("curate", run_id, store, recipe_hash=recipe.hash(), code_version=distillery.code_version(), description=recipe.description)
     with recorder:  # OpenLineage: START now; stage events and COMPLETE after publish, FAIL if this raises
         start_ray()  # signatures fan out over Ray workers
@@ -107,13 +104,6 @@ def plain(t: Callable) -> Callable:
         return t.fn(*map(unwrap, args), **{k: unwrap(v) for k, v in kwargs.items()})
 
     return call
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("distillery.curate")
 
 
 class _StageRejects:
@@ -161,7 +151,7 @@ def curate_in_shards(
     folder by default), removed when this returns or fails. ``task`` picks how a Prefect task is
     called: as a task (the flow), or :func:`plain` to run the plain functions (tests).
     """
-    logger = _logger()
+    logger = run_logger("distillery.curate")
     text = recipe.text_column
     quality_cfg = recipe.quality.model_copy(update={"column": text})
     decon_cfg, dedup_cfg = recipe.decontaminate, recipe.dedup

@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
-from prefect import flow, get_run_logger
+from prefect import flow
+
+from distillery.logs import run_logger
 
 GPU_LIMIT = "gpu"  # the name of the global concurrency limit (slots = GPUs on the machine)
 
@@ -25,15 +27,6 @@ GPU_LIMIT = "gpu"  # the name of the global concurrency limit (slots = GPUs on t
 def gpus_needed(engine) -> int:
     """Whole GPUs one run's engines occupy: replicas x gpus_per_replica x tensor_parallel_size."""
     return math.ceil(engine.replicas * engine.gpus_per_replica * engine.tensor_parallel_size)
-
-
-def _logger():
-    try:
-        return get_run_logger()
-    except Exception:  # outside a flow run (tests, scripts)
-        import logging
-
-        return logging.getLogger(__name__)
 
 
 @contextmanager
@@ -45,7 +38,7 @@ def gpu_slots(engine):
         return
     from prefect.concurrency.sync import concurrency
 
-    _logger().info("waiting for %d slot(s) of the %r concurrency limit", gpus, GPU_LIMIT)
+    run_logger(__name__).info("waiting for %d slot(s) of the %r concurrency limit", gpus, GPU_LIMIT)
     # strict: a missing limit is an error (run `distillery deploy`), not an unlimited free-for-all
     with concurrency(GPU_LIMIT, occupy=gpus, strict=True):
         yield gpus

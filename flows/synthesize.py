@@ -351,7 +351,7 @@ def _spent_stats(spent: dict[str, int], rounds: int, budget: int) -> dict:
 @flow(name="synthesize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
 def synthesize(recipe: Recipe, store: str = "store") -> str:
     """Run one recipe end to end and return the URI of the published version."""
-    run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")
+    run_id = distillery.run_id()
     recorder = LineageRecorder(
         "synthesize", run_id, store, recipe_hash=recipe.hash(), code_version=distillery.code_version(), description=recipe.description
     )

@@ -16,7 +16,6 @@ import time
 import numpy as np
 import polars as pl
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
 
 import distillery
 from distillery.hardware import resolve_dtype
@@ -54,7 +53,7 @@ def train_reward_model(
 ) -> str:
     """Train a reward-model head on a samples version; publish it as ``STORE/NAME/vNNNN``; return that URI.
     ``dtype``: the frozen body's (``auto``: bfloat16 on a CPU that has it natively, else float32)."""
-    run_id = str(flow_run.get_id() or f"local-{time.time_ns()}")
+    run_id = distillery.run_id()
     with LineageRecorder("train_reward_model", run_id, store, code_version=distillery.code_version()) as recorder:  # START; COMPLETE or FAIL
         return _train_reward_model(input_uri, name, store, heldout_fraction, seed, l2, base_model, batch_size, dtype, run_id, recorder)
 

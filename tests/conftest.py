@@ -23,7 +23,6 @@ DATA = ROOT.parent / "shared" / "data"
 TEST_ENV = {
     "PREFECT_HOME": str(ROOT / ".cache" / "prefect"),
     "PREFECT_LOGGING_LEVEL": "INFO",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
 for _key, _value in TEST_ENV.items():
     os.environ.setdefault(_key, _value)

@@ -79,20 +79,6 @@ def publish_samples(store: Store, rows: pl.DataFrame, name: str = "gsm-samples")
 
 
 @pytest.fixture(scope="module")
-def prefect_home(tmp_path_factory):
-    """Embedded Prefect with its database under a temporary PREFECT_HOME (as the CLI tests set it)."""
-    from prefect.logging.handlers import APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-
-    home = tmp_path_factory.mktemp("prefect")
-    with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-        yield home
-        APILogWorker.drain_all(timeout=10)  # the flow logs reach the server before it stops
-        SubprocessASGIServer().stop()  # now, not at exit (when pytest has closed the output it logs to)
-
-
-@pytest.fixture(scope="module")
 def base():
     from distillery.model_setup import ModelNotFound, resolve_model_path
 
@@ -103,7 +89,7 @@ def base():
 
 
 @pytest.fixture(scope="module")
-def trained(prefect_home, base, tmp_path_factory):
+def trained(in_process_prefect, base, tmp_path_factory):
     from flows.train_reward_model import train_reward_model
 
     tmp = tmp_path_factory.mktemp("rm")
@@ -217,7 +203,7 @@ def test_datasets_list_show_and_diff_work_on_it(trained):
     assert diff.returncode == 0 and "rows: 24 -> 24 (+0 added, -0 removed, 24 in both)" in diff.stdout, diff.stderr
 
 
-def test_too_few_usable_problems_is_a_clear_error(prefect_home, base, tmp_path):
+def test_too_few_usable_problems_is_a_clear_error(in_process_prefect, base, tmp_path):
     from flows.train_reward_model import train_reward_model
 
     store = Store(str(tmp_path / "store"))
