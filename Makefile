@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 # applies them) and the tests' in tests/conftest.py, so `pytest` alone runs like `make test`.
 PYTEST_ARGS ?=
 
-.PHONY: install model run test test-fast lock clean bench bench-cpu bench-dedup bench-curate
+.PHONY: install model run test test-fast lock clean bench bench-cpu bench-dedup bench-curate bench-synthesize
 
 $(STAMP): pyproject.toml requirements-cpu.lock
 	$(PYTHON) -m venv $(VENV)
@@ -58,3 +58,7 @@ bench-dedup: install
 # distillery curate on 250k, 500k and 1M synthetic rows: seconds, peak RSS, drops (bench/results/curate_memory.json)
 bench-curate: install
 	$(PY) bench/curate_memory.py
+
+# the synthesize flow (scripted generator) on 100k and 1M samples: driver peak RSS (bench/results/synthesize_memory.json)
+bench-synthesize: model
+	$(PY) bench/synthesize_memory.py

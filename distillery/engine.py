@@ -548,3 +548,11 @@ def start_ray() -> None:
         # "local": a new cluster, never one that `ray start` left on this machine (which a bare
         # ray.init() would join): RAY_ADDRESS is the one way to name a cluster.
         ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, configure_logging=False)
+
+
+def in_shards(generator, requests: list[dict], sampling: SamplingSettings, size: int) -> list[dict]:
+    """Send ``requests`` to the engines ``size`` at a time (shard ``i`` to engine ``i % replicas``)."""
+    results = []
+    for i, start in enumerate(range(0, len(requests), size)):
+        results += generator.generate(i, requests[start : start + size], sampling)
+    return results

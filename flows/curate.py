@@ -1,28 +1,16 @@
-"""The ``curate`` flow: an existing data set through quality -> decontaminate -> dedup -> publish.
+"""The ``curate`` flow: an existing data set through ingest -> quality -> decontaminate -> dedup -> publish.
 
-``curation_stages`` is the same sequence the ``synthesize`` flow runs after verification, so a
-data set curated on its own and one made by synthesis are filtered by the same code.
-
-``distillery curate`` runs the same stages in shards (:func:`curate_in_shards`), so that its
-memory is bounded by a shard, not by the input (a million rows or a hundred million):
-
-1. ingest, quality and decontaminate, shard by shard (``SHARD_ROWS`` input rows at a time;
-   ``distillery.stages.ingest_batches``); each shard's survivors, their MinHash signatures (on
-   Ray workers) and their dedup hash records are spilled to a local temporary folder;
-2. dedup, bucket by bucket over the spilled records (``distillery.stages.dedup_external``);
-   the model-collapse statistics are counted the same way (``distillery.stages.collapse_external``);
-3. publish: the shards are read back once, the duplicates become rejects, and the kept rows, the
-   rejects and the signatures are written as Parquet parts (``publish.PartWriter``), then copied
-   into a new version with the manifest last (``publish.publish_parts``).
-
-The published version is the one the in-memory stages make of the whole input (same rows, same
-rejects, same counts: ``tests/flows/test_curate_streaming.py``). The spill folder is removed at the end.
+The input is read ``shard_rows`` rows at a time (``ingest.IngestBatches``), and each shard goes
+down the curation path both flows share (``flows/curation.py``: quality and decontamination per
+shard, dedup over the spilled shards, publish from local parts), so memory is bounded by a shard,
+not by the input (a million rows or a hundred million). Rows are published in input order. The
+spill folder is removed at the end.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -30,56 +18,17 @@ from prefect import flow
 from prefect.utilities.annotations import quote
 
 import distillery
-from distillery.accounting import REJECT_SCHEMA, StageCount, StageResult
+from distillery.accounting import StageCount
 from distillery.engine import start_ray
 from distillery.lineage import LineageRecorder
 from distillery.logs import run_logger
-from distillery.stages.collapse import check_gate, collapse_report
-from distillery.stages.collapse_external import collapse_report_sharded
-from distillery.stages.dedup import signature_params
-from distillery.stages.dedup_external import ExternalDedup
-from distillery.stages.ingest_batches import IngestBatches, conform
-from distillery.stages.publish import PartWriter, Published
+from distillery.stages.ingest import IngestBatches, conform
+from distillery.stages.publish import Published
 from distillery.store import Store
-from schemas.recipe import CollapseConfig, CurateRecipe, DecontaminationConfig, DedupConfig, QualityConfig
-from tasks.decontaminate import benchmark_index, decontaminate, decontaminate_shard
-from tasks.dedup import dedup, dedup_duplicates, load_against, ray_signatures
-from tasks.publish import publish_shards
-from tasks.quality import quality as quality_task
+from flows.curation import Curation, Output, Rejects, identity
+from schemas.recipe import CurateRecipe
 
 SHARD_ROWS = 100_000  # input rows read, filtered and spilled at a time: what bounds curate's memory
-CURATION_STAGES = ("quality", "decontaminate", "dedup")
-
-
-def curation_stages(
-    rows: pl.DataFrame, *, quality: QualityConfig, decontamination: DecontaminationConfig, dedup_cfg: DedupConfig, text_column: str
-) -> list[StageResult]:
-    """quality -> decontaminate (when benchmarks are named) -> dedup; each stage gets what the last kept."""
-    results = [quality_task(rows, quality.model_copy(update={"column": text_column}))]
-    if decontamination.benchmarks:
-        results.append(decontaminate(results[-1].kept, decontamination))
-    current = results[-1].kept
-    results.append(dedup(current, dedup_cfg, text_column) if current.height else StageResult.empty("dedup"))
-    return results
-
-
-def collapse_statistics(output_texts, seed_texts, cfg: CollapseConfig) -> dict:
-    """n-gram statistics of the output against its seeds (lists or iterables, read once each);
-    raises if the recipe's gate fails."""
-    report = collapse_report(output_texts, seed_texts, cfg)
-    check_gate(report)
-    return report
-
-
-def curation_metadata(results: list[StageResult]) -> dict:
-    """What the curation stages tell the manifest: contamination hits per benchmark, dedup targets."""
-    meta: dict = {}
-    for r in results:
-        if "contamination_hits" in r.meta:
-            meta["contamination_hits"] = r.meta["contamination_hits"]
-        if "against" in r.meta:
-            meta["dedup_against"] = r.meta["against"]
-    return meta
 
 
 @flow(name="curate", log_prints=True)
@@ -106,34 +55,6 @@ def plain(t: Callable) -> Callable:
     return call
 
 
-class _StageRejects:
-    """Each stage's rejects, spilled shard by shard, read back in stage order for publishing
-    (the order ``publish_version`` gets them in: ingest's, then quality's, ...)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.files: dict[str, list[Path]] = {}
-
-    def add(self, stage: str, rejects: pl.DataFrame) -> None:
-        if rejects.height:
-            files = self.files.setdefault(stage, [])
-            path = self.folder / f"{stage}-{len(files):05d}.arrow"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            rejects.write_ipc(path)
-            files.append(path)
-
-    def __iter__(self) -> Iterator[pl.DataFrame]:
-        for stage in ("ingest", *CURATION_STAGES):
-            for path in self.files.get(stage, []):
-                yield pl.read_ipc(path)
-
-
-def _texts(paths: list[Path], column: str) -> Iterator[str]:
-    for path in paths:
-        frame = pl.read_parquet(path, columns=[column]) if path.suffix == ".parquet" else pl.read_ipc(path, columns=[column])
-        yield from frame[column].to_list()
-
-
 def curate_in_shards(
     recipe: CurateRecipe,
     input_uri: str,
@@ -142,7 +63,7 @@ def curate_in_shards(
     *,
     shard_rows: int = SHARD_ROWS,
     spill_root: str | None = None,
-    task: Callable = lambda t: t,
+    task: Callable = identity,
 ) -> tuple[Published, list[StageCount], dict, pl.Schema]:
     """ingest -> quality -> decontaminate per shard, dedup over the spilled shards, publish.
 
@@ -153,84 +74,44 @@ def curate_in_shards(
     """
     logger = run_logger("distillery.curate")
     text = recipe.text_column
-    quality_cfg = recipe.quality.model_copy(update={"column": text})
-    decon_cfg, dedup_cfg = recipe.decontaminate, recipe.dedup
     with tempfile.TemporaryDirectory(prefix="distillery-curate-", dir=spill_root) as tmp:
         spill = Path(tmp)
         batches = IngestBatches(input_uri, text_column=text, id_column=recipe.id_column, fmt=recipe.format, batch_rows=shard_rows)
-        index = task(benchmark_index)(decon_cfg) if decon_cfg.benchmarks else None
-        earlier = task(load_against)(dedup_cfg)
-        spilled = ExternalDedup(dedup_cfg, text, spill / "dedup", earlier=earlier)
-        signature_fn = ray_signatures(dedup_cfg)
-        rejects = _StageRejects(spill / "rejects")
-        counts: dict[str, list[StageCount]] = {"ingest": [], **{s: [] for s in CURATION_STAGES}}
-        hits: dict[str, int] = {}
-        seed_files: list[Path] = []
+        rejects = Rejects(spill / "rejects")
+        curation = Curation(
+            spill, text_column=text, quality=recipe.quality, decontamination=recipe.decontaminate, dedup_cfg=recipe.dedup, rejects=rejects, task=task
+        )
+        ingested: list[StageCount] = []
+        seed_files: list[Path] = []  # the input's texts, for the collapse statistics
 
-        # 1. ingest, quality, decontaminate, shard by shard; dedup's hashes and signatures spilled
-        for k, ingested in enumerate(batches):
-            results = [ingested, task(quality_task)(ingested.kept, quality_cfg)]
-            if decon_cfg.benchmarks:
-                results.append(task(decontaminate_shard)(results[-1].kept, decon_cfg, quote(index)))
-                for name, n in results[-1].meta["contamination_hits"].items():
-                    hits[name] = hits.get(name, 0) + n
-            for r in results:
-                counts[r.stage].append(r.count)
-                rejects.add(r.stage, r.rejects)
+        for k, shard in enumerate(batches):  # ingest -> quality -> decontaminate, shard by shard
+            ingested.append(shard.count)
+            rejects.add(shard.rejects)
             seed_files.append(spill / "seeds" / f"{k:05d}.arrow")
             seed_files[-1].parent.mkdir(exist_ok=True)
-            ingested.kept.select(pl.col(text).cast(pl.Utf8)).write_ipc(seed_files[-1])
-            survivors = results[-1].kept
-            spilled.add_shard(survivors, signature_fn(survivors[text].cast(pl.Utf8).fill_null("")) if survivors.height else None)
-            logger.info("shard %d: %s", k, ", ".join(f"{r.stage} {r.count.rows_in} -> {r.count.rows_out}" for r in results))
-        ingest = StageCount.combine(counts["ingest"])
-        stages = [ingest, StageCount.combine(counts["quality"])]
-        if decon_cfg.benchmarks and ingest.rows_out:  # as the in-memory flow: no rows, no decontaminate stage
-            stages.append(StageCount.combine(counts["decontaminate"]))
-
-        # 2. dedup over the spilled hash buckets
-        dedup_count = task(dedup_duplicates)(quote(spilled))
-        stages.append(dedup_count)
-        logger.info("dedup buckets: %s", spilled.stats)
+            shard.kept.select(pl.col(text).cast(pl.Utf8)).write_ipc(seed_files[-1])
+            results = curation.add(shard.kept)
+            logger.info("shard %d: %s", k, ", ".join(f"{r.stage} {r.count.rows_in} -> {r.count.rows_out}" for r in [shard, *results]))
+        curation.dedup()  # dedup over every shard's spilled hash buckets
+        logger.info("dedup buckets: %s", curation.deduper.stats)
+        stages = [StageCount.combine(ingested), *curation.stages()]
         for s in stages:
             logger.info("%s: %d -> %d rows, dropped %s", s.stage, s.rows_in, s.rows_out, s.dropped or "nothing")
 
-        # 3. the shards again: kept rows, rejects and signatures as local Parquet parts
-        out = spill / "publish"
         schema = batches.schema
-        data = PartWriter(out, "data", recipe.publish.shard_rows, schema=schema, contract="curated")
-        signatures = PartWriter(out, "signatures", recipe.publish.shard_rows, schema={"sample_id": pl.Utf8, "text_sha256": pl.Utf8, "minhash": pl.List(pl.UInt32)})
-        for k in range(len(spilled.shards)):
-            kept, dropped, table = spilled.split(k)
-            data.add(conform(kept, schema))
-            rejects.add("dedup", dropped)
-            signatures.add(table)
-        data.close()
-        signatures.close()
-        reject_parts = PartWriter(out, "rejects", recipe.publish.shard_rows, schema=REJECT_SCHEMA)
-        for frame in rejects:
-            reject_parts.add(frame)
-        reject_parts.close()
-        spilled.close()
-
-        data_files = [data.folder / p["path"].split("/", 1)[1] for p in data.parts] if data.rows else []
-        collapse = collapse_report_sharded(lambda: _texts(data_files, text), lambda: _texts(seed_files, text), recipe.collapse, spill / "collapse")
-        check_gate(collapse)
-        stats: dict = {"collapse": collapse}
-        if decon_cfg.benchmarks and ingest.rows_out:
-            stats["contamination_hits"] = hits
-        if spilled.n:
-            stats["dedup_against"] = [e.uri for e in earlier]
-        published = task(publish_shards)(
+        output = Output(spill / "publish", recipe.publish.shard_rows, contract="curated", schema=schema)
+        for kept, signatures in curation.kept():  # the shards again, as local Parquet parts
+            output.add(conform(kept, schema), signatures)
+        collapse = output.collapse(text, lambda: _texts(seed_files, text), recipe.collapse)
+        published = output.publish(
             Store(store),
             recipe.dataset,
-            data,
-            reject_parts,
-            input_rows=ingest.rows_in,
+            rejects,
+            input_rows=stages[0].rows_in,
             stages=stages,
             run_id=run_id,
-            signatures=signatures if spilled.n else None,
-            signature_params=signature_params(dedup_cfg),
+            dedup_cfg=recipe.dedup if curation.deduper.n else None,
+            task=task,
             metadata={
                 "description": recipe.description,
                 "kind": "curated",
@@ -240,8 +121,14 @@ def curate_in_shards(
                 "code_version": distillery.code_version(),
                 "generator": {"model": None, "engine": None, "text_column": text},
                 "flow_run_id": run_id,
-                "stats": stats,
+                "stats": {"collapse": collapse, **curation.metadata()},
             },
         )
+        curation.close()
     logger.info("published %s: %d rows", published.uri, published.manifest["counts"]["published"])
     return published, stages, batches.parent, pl.Schema(schema)
+
+
+def _texts(paths: list[Path], column: str):
+    for path in paths:
+        yield from pl.read_ipc(path, columns=[column])[column].to_list()

@@ -1,4 +1,5 @@
-"""Prefect tasks for the decontaminate stage: benchmark files are loaded (and indexed) once per run."""
+"""Prefect tasks for the decontaminate stage: the benchmarks are loaded and indexed once per
+run, then every shard is checked against the index."""
 
 import polars as pl
 from prefect import task
@@ -10,18 +11,13 @@ from distillery.stages.decontaminate import decontaminate as decontaminate_rows
 from schemas.recipe import DecontaminationConfig
 
 
-@task(name="decontaminate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def decontaminate(rows: pl.DataFrame, cfg: DecontaminationConfig) -> StageResult:
-    return decontaminate_rows(rows, [load_benchmark(b) for b in cfg.benchmarks], cfg)
-
-
 @task(name="benchmark-index", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def benchmark_index(cfg: DecontaminationConfig) -> BenchmarkIndex:
-    """Load and index the recipe's benchmarks once, for ``decontaminate_shard`` on every shard."""
+    """Load and index the recipe's benchmarks once, for ``decontaminate`` on every shard."""
     return BenchmarkIndex.build([load_benchmark(b) for b in cfg.benchmarks], cfg)
 
 
 @task(name="decontaminate", cache_policy=NO_CACHE)
-def decontaminate_shard(rows: pl.DataFrame, cfg: DecontaminationConfig, index: BenchmarkIndex) -> StageResult:
-    """One shard against a prebuilt index (pass it in ``prefect.utilities.annotations.quote``)."""
+def decontaminate(rows: pl.DataFrame, cfg: DecontaminationConfig, index: BenchmarkIndex) -> StageResult:
+    """One shard against the prebuilt index (pass it in ``prefect.utilities.annotations.quote``)."""
     return decontaminate_rows(rows, [], cfg, index=index)

@@ -1,6 +1,5 @@
-"""Prefect tasks for the dedup stage: MinHash signatures fan out over shards on Ray workers;
-buckets and clusters run on the combined signatures (``distillery.stages.dedup``), or, for
-sharded curation, over spilled hash buckets (``distillery.stages.dedup_external``)."""
+"""Prefect tasks for the dedup stage (``distillery.stages.dedup``): MinHash signatures fan out
+over shards on Ray workers; duplicates are found over the spilled hash buckets of every shard."""
 
 import numpy as np
 import polars as pl
@@ -9,10 +8,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distillery import minhash
-from distillery.accounting import StageCount, StageResult
+from distillery.accounting import StageCount
 from distillery.faults import failpoint
-from distillery.stages.dedup import EarlierRows, dedup_samples, load_earlier
-from distillery.stages.dedup_external import ExternalDedup
+from distillery.stages.dedup import EarlierRows, ShardedDedup, load_earlier
 from schemas.recipe import DedupConfig
 
 # SPREAD: signature shards use every node of a cluster rather than filling the driver's node first
@@ -34,14 +32,6 @@ def ray_signatures(cfg: DedupConfig, shard_rows: int = 50_000):
     return compute
 
 
-@task(name="dedup", cache_policy=NO_CACHE)
-def dedup(samples: pl.DataFrame, cfg: DedupConfig, text_column: str = "completion") -> StageResult:
-    earlier = [load_earlier(uri, cfg) for uri in cfg.against]
-    result = dedup_samples(samples, cfg, text_column=text_column, earlier=earlier, signature_fn=ray_signatures(cfg))
-    failpoint("dedup")  # chaos tests: crash in the middle of curation
-    return result
-
-
 @task(name="dedup-load-against", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def load_against(cfg: DedupConfig) -> list[EarlierRows]:
     """The signatures of the ``dedup.against`` versions (held in memory for the run)."""
@@ -49,7 +39,7 @@ def load_against(cfg: DedupConfig) -> list[EarlierRows]:
 
 
 @task(name="dedup", cache_policy=NO_CACHE)
-def dedup_duplicates(spilled: ExternalDedup) -> StageCount:
+def dedup(spilled: ShardedDedup) -> StageCount:
     """Find the exact and near duplicates among the spilled shards (pass it in ``quote``)."""
     count = spilled.resolve()
     failpoint("dedup")  # chaos tests: crash in the middle of curation

@@ -6,10 +6,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distillery.accounting import StageResult
-from distillery.engine import SamplingSettings
+from distillery.engine import SamplingSettings, in_shards
 from distillery.stages.glan import question_requests, questions, syllabus, syllabus_requests
 from schemas.recipe import GlanConfig
-from tasks.self_instruct import in_shards
 
 
 @task(name="syllabus", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)

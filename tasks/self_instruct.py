@@ -7,17 +7,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distillery.accounting import StageResult
-from distillery.engine import SamplingSettings
+from distillery.engine import SamplingSettings, in_shards
 from distillery.stages.self_instruct import agreement, new_tasks, solve_requests, task_requests
 from schemas.recipe import DifficultyConfig, SelfInstructConfig
-
-
-def in_shards(generator, requests: list[dict], sampling: SamplingSettings, size: int) -> list[dict]:
-    """Send ``requests`` to the engines ``size`` at a time (shard ``i`` to engine ``i % replicas``)."""
-    results = []
-    for i, start in enumerate(range(0, len(requests), size)):
-        results += generator.generate(i, requests[start : start + size], sampling)
-    return results
 
 
 @task(name="self-instruct", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -473,7 +473,7 @@ def test_curate_of_gzip_input_with_a_bom_a_deep_row_and_a_lone_surrogate_curates
 
 def _both_ingests(path: Path, **kwargs):
     """``ingest_rows`` (in memory) and ``IngestBatches`` (streaming, 2 rows a batch), summed up."""
-    from distillery.stages.ingest_batches import IngestBatches
+    from distillery.stages.ingest import IngestBatches
 
     whole = ingest_rows(str(path), text_column="completion", **kwargs)
     batches = list(IngestBatches(str(path), text_column="completion", batch_rows=2, **kwargs))
@@ -554,7 +554,7 @@ def test_compressed_jsonl_is_read_by_content_as_a_stream(tmp_path, monkeypatch):
     import hashlib
 
     import distillery.uri_io
-    from distillery.stages.ingest_batches import IngestBatches
+    from distillery.stages.ingest import IngestBatches
 
     lines = [json.dumps({"id": f"r{i}", "completion": _text(i)}).encode() for i in range(7)] + [b"{broken"]
     text = b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n"
@@ -620,7 +620,7 @@ def test_inputs_unreadable_as_a_whole_are_errors_naming_the_file(tmp_path):
     import lzma
 
     from distillery.stages.ingest import UnreadableInput
-    from distillery.stages.ingest_batches import IngestBatches
+    from distillery.stages.ingest import IngestBatches
 
     rows = b"\n".join(json.dumps({"completion": _text(i)}).encode() for i in range(200)) + b"\n"
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4

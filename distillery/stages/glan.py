@@ -200,14 +200,16 @@ def questions(
     return StageResult.from_reasons("questions", frame, reasons, details, rows_in=sessions.height, fanout=per_session)
 
 
-def coverage(subjects: pl.DataFrame, sessions: pl.DataFrame, problems: pl.DataFrame, published: pl.DataFrame) -> dict[str, dict[str, Any]]:
+def coverage(subjects: pl.DataFrame, sessions: pl.DataFrame, problems: pl.DataFrame, published: pl.DataFrame | Counter) -> dict[str, dict[str, Any]]:
     """Per taxonomy node (``discipline`` and ``discipline/subject``): sessions in the syllabus,
-    problems kept, and published samples (``published`` rows have ``subject_id``)."""
+    problems kept, and published samples (``published`` rows have ``subject_id``; or their
+    count per ``subject_id``)."""
 
     def counts(frame: pl.DataFrame, column: str = "subject_id") -> Counter:
         return Counter(frame[column].to_list()) if frame.height and column in frame.columns else Counter()
 
-    n_sessions, n_problems, n_published = counts(sessions), counts(problems), counts(published)
+    n_sessions, n_problems = counts(sessions), counts(problems)
+    n_published = published if isinstance(published, Counter) else counts(published)
     nodes: dict[str, dict[str, Any]] = {}
     for row in subjects.iter_rows(named=True):
         subject_id = row["seed_id"]

@@ -95,14 +95,21 @@ def parquet_bytes(frame: pl.DataFrame) -> bytes:
 
 
 def _write_shards(store: Store, prefix: str, frame: pl.DataFrame, shard_rows: int) -> list[dict]:
-    shards = []
-    for index, start in enumerate(range(0, max(frame.height, 1), shard_rows)):
-        part = frame.slice(start, shard_rows)
-        data = parquet_bytes(part)
-        key = f"{prefix}/part-{index:05d}.parquet"
-        store.put(key, data)
-        shards.append({"path": key.split("/", 2)[2], "rows": part.height, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    return shards
+    """``frame`` as the parts of ``prefix`` (``NAME/vNNNN/data``, ...), through a ``PartWriter``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="distillery-parts-") as tmp:
+        writer = PartWriter(tmp, prefix.rsplit("/", 1)[1], shard_rows, schema=dict(frame.schema))
+        writer.add(frame)
+        writer.close()
+        return _copy_parts(store, prefix.rsplit("/", 1)[0], writer)
+
+
+def _copy_parts(store: Store, base: str, writer: PartWriter) -> list[dict]:
+    """Copy a closed ``PartWriter``'s parts under ``base`` (a claimed version); their entries."""
+    for part in writer.parts:
+        store.put(f"{base}/{part['path']}", (writer.folder / part["path"].split("/", 1)[1]).read_bytes())
+    return writer.parts
 
 
 def read_shards(store: Store, manifest: dict, kind: str = "shards") -> pl.DataFrame:
@@ -246,25 +253,40 @@ def publish_version(
     signatures: pl.DataFrame | None = None,
     signature_params: dict | None = None,
 ) -> Published:
-    """Write one new immutable version; return its URI and manifest.
+    """Write one new immutable version from tables in memory: each table written as its parts
+    (``PartWriter``), then :func:`publish_parts`, the one way a version is written.
 
     ``metadata`` carries the lineage fields (recipe, recipe_hash, code_version, generator,
     parents, flow_run_id, stats, description) that go into the manifest as they are.
     ``signatures`` (the dedup stage's MinHash table of the published rows) is stored under
     ``signatures/`` so that later runs can dedup against this version without its text.
+    The counts and the whole table's contract are checked first: nothing is written if either fails.
     """
-    data_contract, version = _check_and_claim(store, dataset, rows, input_rows=input_rows, stages=stages, run_id=run_id, contract=contract)
-    base = f"{dataset}/{version}"
-    with _discarded_on_failure(store, base):
-        manifest = {
-            **_manifest_head(dataset, version, data_contract, rows, rejects, input_rows=input_rows, stages=stages),
-            "shards": _write_shards(store, f"{base}/data", rows, shard_rows),
-            "reject_shards": _write_shards(store, f"{base}/rejects", rejects, shard_rows),
-            **metadata,
-        }
-        if signatures is not None:
-            manifest["signatures"] = {**(signature_params or {}), "shards": _write_shards(store, f"{base}/signatures", signatures, shard_rows)}
-        return _seal(store, manifest, rows, rejects)
+    import tempfile
+
+    check_counts(input_rows, stages, rows.height)
+    load_contract(contract).check_table(rows)
+    with tempfile.TemporaryDirectory(prefix="distillery-publish-") as tmp:
+
+        def parts(prefix: str, frame: pl.DataFrame, **kwargs) -> PartWriter:
+            writer = PartWriter(tmp, prefix, shard_rows, schema=dict(frame.schema), **kwargs)
+            writer.add(frame)
+            writer.close()
+            return writer
+
+        return publish_parts(
+            store,
+            dataset,
+            parts("data", rows, contract=contract),
+            parts("rejects", rejects),
+            input_rows=input_rows,
+            stages=stages,
+            run_id=run_id,
+            metadata=metadata,
+            signatures=parts("signatures", signatures) if signatures is not None else None,
+            signature_params=signature_params,
+            plot_rows=max(rows.height, rejects.height, 1),
+        )
 
 
 def _check_and_claim(store: Store, dataset: str, rows: pl.DataFrame, *, input_rows: int, stages: list[StageCount], run_id: str, contract: str):
@@ -275,19 +297,14 @@ def _check_and_claim(store: Store, dataset: str, rows: pl.DataFrame, *, input_ro
     return data_contract, store.claim_version(dataset, run_id)
 
 
-def _manifest_head(dataset: str, version: str, data_contract, rows: pl.DataFrame, rejects: pl.DataFrame, *, input_rows: int, stages: list[StageCount]) -> dict:
+def _manifest_head(dataset: str, version: str, data_contract, *, input_rows: int, published: int, rejected: int, stages: list[StageCount]) -> dict:
     return {
         "dataset": dataset,
         "version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "schema_version": SCHEMA_VERSION,
         "contract": {"name": data_contract.name, "version": data_contract.version},
-        "counts": {
-            "input": input_rows,
-            "published": rows.height,
-            "rejected": rejects.height,
-            "stages": [s.as_dict() for s in stages],
-        },
+        "counts": {"input": input_rows, "published": published, "rejected": rejected, "stages": [s.as_dict() for s in stages]},
     }
 
 
@@ -359,7 +376,7 @@ def publish_reward_model(
     with _discarded_on_failure(store, base):
         store.put(f"{base}/{HEAD_PATH}", head)
         manifest = {
-            **_manifest_head(name, version, data_contract, examples, rejects, input_rows=input_rows, stages=stages),
+            **_manifest_head(name, version, data_contract, input_rows=input_rows, published=examples.height, rejected=rejects.height, stages=stages),
             "kind": "reward-model",
             "model": {
                 "architecture": architecture,
@@ -381,9 +398,9 @@ def publish_reward_model(
 class PartWriter:
     """Parquet parts of ``shard_rows`` rows each, written to a local folder as frames arrive.
 
-    The parts are the same as ``_write_shards`` makes of the whole table (``part-00000.parquet``,
-    ... of exactly ``shard_rows`` rows, the last shorter; one empty part for no rows), so a
-    version published from parts is byte for byte the one ``publish_version`` writes. ``contract``
+    The parts are ``part-00000.parquet``, ... of exactly ``shard_rows`` rows, the last shorter
+    (one empty part for no rows), however the rows arrived: the same rows in any number of frames
+    make the same bytes. ``contract``
     checks each part as it is written (uniqueness only within a part: ingest already rejects
     repeated ids). Memory: at most ``shard_rows`` buffered rows plus the frame being added.
     """
@@ -458,7 +475,7 @@ def publish_parts(
     signature_params: dict | None = None,
     plot_rows: int = 100_000,
 ) -> Published:
-    """``publish_version`` for a table already written as local parts (``PartWriter``s, closed).
+    """Write one new immutable version from a table already written as local parts (``PartWriter``s, closed).
 
     The counts are checked before anything is written (each part was checked against the contract
     as it was written), then a version is claimed, the parts are copied into it one at a time, and
@@ -472,17 +489,10 @@ def publish_parts(
     with _discarded_on_failure(store, base):
 
         def copy(writer: PartWriter) -> list[dict]:
-            for part in writer.parts:
-                store.put(f"{base}/{part['path']}", (writer.folder / part["path"].split("/", 1)[1]).read_bytes())
-            return writer.parts
+            return _copy_parts(store, base, writer)
 
         manifest = {
-            "dataset": dataset,
-            "version": version,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "schema_version": SCHEMA_VERSION,
-            "contract": {"name": contract.name, "version": contract.version},
-            "counts": {"input": input_rows, "published": data.rows, "rejected": rejects.rows, "stages": [s.as_dict() for s in stages]},
+            **_manifest_head(dataset, version, contract, input_rows=input_rows, published=data.rows, rejected=rejects.rows, stages=stages),
             "shards": copy(data),
             "reject_shards": copy(rejects),
             **metadata,

@@ -81,3 +81,95 @@ def with_rewards(rows: pl.DataFrame, rewards: list[float], *, source: str) -> St
     """Attach reward-model scores (every row gets one; nothing is dropped)."""
     scored = rows.with_columns(pl.Series("reward", rewards, dtype=pl.Float64), pl.lit(source).alias("reward_source"))
     return StageResult.split("score", scored, [("unscored", pl.col("reward").is_null() | pl.col("reward").is_nan())])
+
+
+# -- the scorers: which one runs is the recipe's ``score.method`` ---------------------------------
+
+BATCH = 64  # rows per scoring call
+
+
+def label_as_reward(rows: pl.DataFrame, label: str, source: str, stage: str = "score") -> StageResult:
+    """A 0/1 reward from a boolean label (null stays null: nothing to rank by)."""
+    scored = rows.with_columns(pl.col(label).cast(pl.Float64).alias("reward"), pl.lit(source).alias("reward_source"))
+    return StageResult.split(stage, scored, [])
+
+
+class Scorer:
+    """``score.method`` applied to shards of samples: ``scorer(rows) -> StageResult``; every
+    score is a column, a failure a reject.
+
+    - ``judge`` runs on the generation engines the flow already started (``pool``);
+    - ``reward_model`` starts one vLLM pooling engine as a Ray actor on the first shard, and
+      stops it in ``close``;
+    - ``majority_vote`` (per problem: a shard holds all of a problem's samples) and ``program``
+      (in the sandbox, a child process per row) run here.
+    """
+
+    def __init__(self, cfg, engine, pool=None, *, seed: int = 0) -> None:
+        if cfg.method == "judge" and pool is None:
+            raise ValueError("score.method 'judge' needs the generation engines (a pool)")
+        if cfg.method not in ("judge", "reward_model", "majority_vote", "program"):
+            raise ValueError(f"score.method {cfg.method!r} has no scorer")
+        self.cfg, self.engine, self.pool, self.seed = cfg, engine, pool, seed
+        self.stage = "execute" if cfg.method == "program" else "score"
+        self.meta: dict = {}  # what the scorer tells the manifest (program: the sandbox's isolation)
+        self._actor = None
+        self._batches = 0
+
+    def __call__(self, rows: pl.DataFrame) -> StageResult:
+        if rows.height == 0:
+            return StageResult.empty(self.stage)
+        method = self.cfg.method
+        if method == "judge":
+            return self._judge(rows)
+        if method == "reward_model":
+            return with_rewards(rows, self._rewards(rows), source=f"reward_model:{self.cfg.reward_model}")
+        if method == "majority_vote":
+            from distillery.stages.select import majority_vote
+
+            return label_as_reward(majority_vote(rows), "pseudo_correct", "majority_vote")
+        from distillery.stages.execute import execute_programs
+
+        program = self.cfg.program
+        executed = execute_programs(rows, timeout_s=program.timeout_s, memory_mb=program.memory_mb, isolation=program.isolation)
+        relabeled = label_as_reward(executed.kept, "program_correct", "program", stage="execute")
+        self.meta["sandbox"] = executed.meta["sandbox"]
+        return StageResult("execute", relabeled.kept, executed.rejects, executed.count, meta=executed.meta)
+
+    def _judge(self, rows: pl.DataFrame) -> StageResult:
+        from distillery.engine import SamplingSettings
+
+        judge = self.cfg.judge
+        sampling = SamplingSettings(judge.temperature, 1.0, judge.max_tokens)
+        results: list[dict] = []
+        for start in range(0, rows.height, BATCH):
+            requests = judge_requests(rows.slice(start, BATCH), template=judge.template or JUDGE_TEMPLATE, seed=self.seed, response_prefix=judge.response_prefix)
+            results += self.pool.generate(self._batches, requests, sampling)
+            self._batches += 1
+        return with_judge_scores(rows, results, response_prefix=judge.response_prefix)
+
+    def _rewards(self, rows: pl.DataFrame) -> list[float]:
+        import ray
+
+        if self._actor is None:
+            from distillery.engine import ENGINE_ENV, PoolingRewardModel, start_ray
+            from distillery.model_setup import materialize_reward_model
+
+            folder = materialize_reward_model(self.cfg.reward_model)
+            start_ray()
+            engine = self.engine
+            self._actor = ray.remote(num_cpus=engine.cpus_per_replica, num_gpus=engine.gpus_per_replica, runtime_env={"env_vars": ENGINE_ENV})(
+                PoolingRewardModel
+            ).remote(str(folder), engine)
+        rewards: list[float] = []
+        for start in range(0, rows.height, BATCH):
+            batch = rows.slice(start, BATCH)
+            rewards += ray.get(self._actor.score.remote(batch["question"].to_list(), batch["completion"].to_list()))
+        return rewards
+
+    def close(self) -> None:
+        if self._actor is not None:
+            import ray
+
+            ray.kill(self._actor)
+            self._actor = None

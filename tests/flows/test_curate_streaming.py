@@ -1,7 +1,6 @@
-"""Sharded curation (``flows.curate.curate_in_shards``) with tiny shards, without Prefect or Ray:
-the duplicates it finds across shards, its row accounting, and that it publishes what the
-in-memory stages (``ingest_rows`` -> quality -> decontaminate -> ``dedup_samples`` ->
-``publish_version``) publish for the same input."""
+"""The one curation path (``flows/curation.py``, here through ``flows.curate.curate_in_shards``)
+with tiny shards, without Prefect or Ray: the duplicates it finds across shards, its row
+accounting, and that the same input publishes the same version in one shard and in seven."""
 
 import json
 
@@ -9,15 +8,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from distillery.accounting import StageResult
-from distillery.stages import dedup_external
-from distillery.stages.decontaminate import decontaminate, load_benchmark
-from distillery.stages.dedup import dedup_samples, load_earlier, signature_params
-from distillery.stages.ingest import ingest_rows
-from distillery.stages.publish import publish_version, read_shards
-from distillery.stages.quality import quality_filter
+from distillery import minhash
+from distillery.stages import dedup
+from distillery.stages.publish import read_shards
 from distillery.store import Store
-from flows.curate import collapse_statistics, curate_in_shards, plain
+from flows.curate import curate_in_shards, plain
 from schemas.recipe import CurateRecipe
 from tests.conftest import DATA
 
@@ -72,41 +67,17 @@ def _recipe(**dedup):
     )
 
 
-def _streamed(recipe, path, store):
-    published, stages, _, _ = curate_in_shards(recipe, str(path), str(store), "test-run", shard_rows=SHARD, task=plain)
+def _streamed(recipe, path, store, shard_rows=SHARD):
+    published, stages, _, _ = curate_in_shards(recipe, str(path), str(store), "test-run", shard_rows=shard_rows, task=plain)
     return published
 
 
-def _in_memory(recipe, path, store):
-    """What the flow did before sharding: every stage on the whole input at once."""
-    text = recipe.text_column
-    ingested = ingest_rows(str(path), text_column=text, id_column=recipe.id_column)
-    results = [quality_filter(ingested.kept, recipe.quality.model_copy(update={"column": text}))]
-    results.append(decontaminate(results[-1].kept, [load_benchmark(b) for b in recipe.decontaminate.benchmarks], recipe.decontaminate))
-    earlier = [load_earlier(uri, recipe.dedup) for uri in recipe.dedup.against]
-    current = results[-1].kept
-    results.append(dedup_samples(current, recipe.dedup, text_column=text, earlier=earlier) if current.height else StageResult.empty("dedup"))
-    final = results[-1]
-    stats = {"collapse": collapse_statistics(final.kept[text].to_list(), ingested.kept[text].to_list(), recipe.collapse)}
-    stats["contamination_hits"] = results[1].meta["contamination_hits"]
-    stats["dedup_against"] = final.meta["against"]
-    return publish_version(
-        Store(str(store)),
-        "demo",
-        final.kept,
-        pl.concat([ingested.rejects, *[r.rejects for r in results]]),
-        input_rows=ingested.count.rows_in,
-        stages=[ingested.count, *[r.count for r in results]],
-        run_id="test-run",
-        shard_rows=recipe.publish.shard_rows,
-        contract="curated",
-        signatures=final.meta["signatures"],
-        signature_params=signature_params(recipe.dedup),
-        metadata={"stats": stats},
-    )
+def _shards_of(n_lines: int, shards: int) -> int:
+    return -(-n_lines // shards)  # rows per shard for exactly ``shards`` shards
 
 
 def _assert_same_version(streamed, reference):
+    """Two versions of the same input: same counts, parts (byte for byte), signatures, stats, rows, rejects."""
     a, b = streamed.manifest, reference.manifest
     assert a["counts"] == b["counts"]
     assert a["shards"] == b["shards"]  # same parts, byte for byte (sha256)
@@ -119,8 +90,8 @@ def _assert_same_version(streamed, reference):
     assert read_shards(store_a, a, "reject_shards").equals(read_shards(store_b, b, "reject_shards"))
 
 
-def test_sharded_curation_finds_duplicates_across_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(dedup_external, "DEFAULT_BUCKET_BYTES", 4096)  # forces the split of over-budget buckets
+def test_curation_finds_duplicates_across_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(dedup, "DEFAULT_BUCKET_BYTES", 4096)  # forces the split of over-budget buckets
     path, n_lines = _input(tmp_path)
     published = _streamed(_recipe(), path, tmp_path / "store")
     manifest = published.manifest
@@ -153,36 +124,33 @@ def test_sharded_curation_finds_duplicates_across_shards(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("verify", ["exact", "signature"])
-def test_sharded_curation_publishes_what_the_in_memory_stages_publish(tmp_path, verify):
-    path, _ = _input(tmp_path)
+def test_the_same_input_in_one_shard_and_in_seven_publishes_the_same_version(tmp_path, verify):
+    path, n_lines = _input(tmp_path)
     recipe = _recipe(verify_candidates=verify)
-    streamed = _streamed(recipe, path, tmp_path / "a")
-    reference = _in_memory(recipe, path, tmp_path / "b")
-    assert reference.manifest["counts"]["stages"][-1]["dropped"]  # the comparison covers real duplicates
-    _assert_same_version(streamed, reference)
+    one = _streamed(recipe, path, tmp_path / "a", shard_rows=n_lines)
+    seven = _streamed(recipe, path, tmp_path / "b", shard_rows=_shards_of(n_lines, 7))
+    assert [s["rows_in"] for s in one.manifest["counts"]["stages"]][:1] == [n_lines]
+    assert one.manifest["counts"]["stages"][-1]["dropped"] == {"exact_duplicate": 3, "near_duplicate": 3}  # real duplicates, across shards of seven
+    _assert_same_version(seven, one)
 
     # Against the first version: only new rows survive, the others are duplicate_of_earlier.
     second = tmp_path / "second.jsonl"
     rows = [{"id": f"again-{i}", "completion": _text(i) + (" Indeed" if i % 2 else "")} for i in range(0, 200, 7)]
     rows += [{"id": f"new-{i}", "completion": _text(i)} for i in range(5000, 5010)]
     second.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    again = _streamed(_recipe(verify_candidates=verify, against=[str(tmp_path / "a" / "demo")]), second, tmp_path / "a")
-    again_ref = _in_memory(_recipe(verify_candidates=verify, against=[str(tmp_path / "b" / "demo")]), second, tmp_path / "b")
-    dropped = again.manifest["counts"]["stages"][-1]["dropped"]
-    assert dropped == {"duplicate_of_earlier": len(rows) - 10}
-    a, b = again.manifest, again_ref.manifest
+    again_one = _streamed(_recipe(verify_candidates=verify, against=[str(tmp_path / "a" / "demo")]), second, tmp_path / "a", shard_rows=len(rows))
+    again_seven = _streamed(_recipe(verify_candidates=verify, against=[str(tmp_path / "b" / "demo")]), second, tmp_path / "b", shard_rows=_shards_of(len(rows), 7))
+    assert again_one.manifest["counts"]["stages"][-1]["dropped"] == {"duplicate_of_earlier": len(rows) - 10}
+    a, b = again_seven.manifest, again_one.manifest
     assert a["counts"] == b["counts"] and a["shards"] == b["shards"]
-    rejects_a = read_shards(Store(str(tmp_path / "a")), a, "reject_shards")
-    rejects_b = read_shards(Store(str(tmp_path / "b")), b, "reject_shards")
+    rejects_a = read_shards(Store(str(tmp_path / "b")), a, "reject_shards")
+    rejects_b = read_shards(Store(str(tmp_path / "a")), b, "reject_shards")
     assert rejects_a.drop("detail").equals(rejects_b.drop("detail"))
     # details name the version they duplicate: the same but for the store's path
-    assert rejects_a["detail"].str.replace(str(tmp_path / "a"), "S", literal=True).equals(rejects_b["detail"].str.replace(str(tmp_path / "b"), "S", literal=True))
+    assert rejects_a["detail"].str.replace(str(tmp_path / "b"), "S", literal=True).equals(rejects_b["detail"].str.replace(str(tmp_path / "a"), "S", literal=True))
 
 
-@pytest.mark.parametrize("priority", [False, True])
-def test_external_dedup_matches_dedup_samples_on_random_near_duplicates(tmp_path, priority):
-    """Many clusters (chains included), several shards, tiny buckets: the same drops as in memory;
-    with ``correct``/``reward`` columns, the same keep policy (the rows come back in input order)."""
+def _random_near_duplicates(priority: bool) -> pl.DataFrame:
     rng = np.random.default_rng(0)
     vocab = [f"w{k}" for k in range(3000)]
     base = [" ".join(rng.choice(vocab, size=30)) for _ in range(300)]
@@ -195,32 +163,48 @@ def test_external_dedup_matches_dedup_samples_on_random_near_duplicates(tmp_path
     rows = pl.DataFrame({"sample_id": [f"s{i}" for i in range(900)], "completion": texts})
     if priority:
         rows = rows.with_columns(correct=pl.Series(rng.random(900) < 0.5), reward=pl.Series(np.round(rng.random(900), 1)))
-    cfg = _recipe().dedup
-    reference = dedup_samples(rows, cfg, text_column="completion")
-    from distillery import minhash
+    return rows
 
-    spilled = dedup_external.ExternalDedup(cfg, "completion", tmp_path / "spill", bucket_bytes=2048)
-    for start in range(0, 900, 128):
-        part = rows.slice(start, 128)
+
+def _sharded_dedup(rows: pl.DataFrame, cfg, folder, shard: int):
+    spilled = dedup.ShardedDedup(cfg, "completion", folder, bucket_bytes=2048)
+    for start in range(0, rows.height, shard):
+        part = rows.slice(start, shard)
         spilled.add_shard(part, minhash.signatures(part["completion"]))
     count = spilled.resolve()
-    rejects = pl.concat([spilled.split(k)[1] for k in range(len(spilled.shards))])
+    splits = [spilled.split(k) for k in range(len(spilled.shards))]
     spilled.close()
-    assert not (tmp_path / "spill").exists()
-    assert count == reference.count and count.dropped["near_duplicate"] > 20 and count.dropped["exact_duplicate"] > 50
-    if priority:
-        rejects, reference_rejects = rejects.sort("sample_id"), reference.rejects.sort("sample_id")
-    else:
-        reference_rejects = reference.rejects
-    assert rejects.equals(reference_rejects)
-    if priority:  # the policy mattered: in input order, other rows would have been kept
-        assert set(rejects["sample_id"]) != set(dedup_samples(rows.drop("correct", "reward"), cfg, text_column="completion").rejects["sample_id"])
+    assert not folder.exists()
+    return count, pl.concat([k for k, _, _ in splits]), pl.concat([r for _, r, _ in splits]), pl.concat([t for _, _, t in splits])
 
 
-def test_sharded_curation_of_field_types_that_change_in_later_shards_publishes_what_the_in_memory_stages_publish(tmp_path):
+@pytest.mark.parametrize("priority", [False, True])
+def test_dedup_of_random_near_duplicates_is_the_same_in_one_shard_and_in_seven(tmp_path, priority):
+    """Many clusters (chains included), tiny buckets: the same drops, details and kept rows (in
+    input order) whatever the shards; with ``correct``/``reward`` columns, the keep policy decides."""
+    rows = _random_near_duplicates(priority)
+    cfg = _recipe().dedup
+    count, kept, rejects, table = _sharded_dedup(rows, cfg, tmp_path / "one", rows.height)
+    count7, kept7, rejects7, table7 = _sharded_dedup(rows, cfg, tmp_path / "seven", _shards_of(rows.height, 7))
+    assert count == count7 and count.dropped["near_duplicate"] > 20 and count.dropped["exact_duplicate"] > 50
+    assert kept.equals(kept7) and table.equals(table7)
+    assert rejects.sort("sample_id").equals(rejects7.sort("sample_id"))
+    assert kept["sample_id"].to_list() == [s for s in rows["sample_id"] if s in set(kept["sample_id"])]  # input order
+    frame = dedup.dedup_samples(rows, cfg)  # a frame in memory: one shard of the same code
+    assert frame.kept.equals(kept) and frame.count == count
+    if priority:  # the policy mattered: without it, other rows would have been kept
+        assert set(rejects["sample_id"]) != set(dedup.dedup_samples(rows.drop("correct", "reward"), cfg).rejects["sample_id"])
+        exact = rejects.filter(pl.col("reason") == "exact_duplicate")
+        for reject in exact.iter_rows(named=True):  # the copy it duplicates ranks first by the policy
+            record = json.loads(reject["record"])
+            winner = rows.filter(pl.col("sample_id") == reject["detail"].removeprefix("duplicates sample ")).row(0, named=True)
+            assert (winner["correct"], winner["reward"]) >= (record["correct"], record["reward"])
+
+
+def test_field_types_that_change_in_later_shards_publish_the_same_version_as_one_shard(tmp_path):
     """Shard 0 makes `m` a list of integers, `o` an object with field `x`, `n` integers; later shards
     bring floats (the columns widen), other object fields, `{}` and misfits (`type_mismatch`): the
-    streamed version is the in-memory one, byte for byte, and its counts add up."""
+    version is the one-shard version, byte for byte, and its counts add up."""
     rows = [{"id": f"r{i}", "completion": _text(i), "m": [i], "o": {"x": i}, "n": i} for i in range(120)]
     rows[70] = {**rows[70], "m": [0.5], "o": {"y": "z"}, "e": {}}  # shard 1: fits, widens
     rows[80] = {**rows[80], "m": {"x": 1}}  # shard 1: a misfit
@@ -230,7 +214,7 @@ def test_sharded_curation_of_field_types_that_change_in_later_shards_publishes_w
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = _recipe()
     streamed = _streamed(recipe, path, tmp_path / "a")
-    reference = _in_memory(recipe, path, tmp_path / "b")
+    reference = _streamed(recipe, path, tmp_path / "b", shard_rows=len(rows))
     _assert_same_version(streamed, reference)
     counts = streamed.manifest["counts"]
     assert counts["stages"][0]["dropped"] == {"type_mismatch": 2}

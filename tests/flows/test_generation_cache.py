@@ -11,6 +11,7 @@ import json
 import polars as pl
 import pytest
 
+import flows.sampling
 import flows.synthesize
 from distillery.engine import EnginePool
 from tests.flows.strategy_helpers import check_stages, run_flow
@@ -80,6 +81,6 @@ def test_a_cached_run_with_a_missing_answer_does_start_the_pool(scripted, tmp_pa
     """The other side of the check above: the stand-in engine does fail a run that needs one."""
     store = tmp_path / "store"
     monkeypatch.setattr(flows.synthesize, "ENGINE_POOL_FACTORY", lambda model_path, engine, seed=0: EnginePool(model_path, engine, seed=seed, engine_cls=MustNotStart))
-    monkeypatch.setattr(flows.synthesize, "synthesize_shard", flows.synthesize.synthesize_shard.with_options(retries=0))  # fail at once
+    monkeypatch.setattr(flows.sampling, "synthesize_shard", flows.sampling.synthesize_shard.with_options(retries=0))  # fail at once
     with pytest.raises(Exception, match="an engine was started"):
         run_flow(RECIPE, store, [*BASE, "seeds.builtin.count=1", "generation.samples_per_problem=1"])

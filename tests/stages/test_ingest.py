@@ -110,7 +110,7 @@ def test_missing_seed_file_is_a_clear_error(tmp_path):
 def _peak_python_memory(path, **kwargs) -> tuple[int, int]:
     import tracemalloc
 
-    from distillery.stages.ingest_batches import IngestBatches
+    from distillery.stages.ingest import IngestBatches
 
     tracemalloc.start()
     try:
@@ -148,7 +148,7 @@ def _ingest_both_ways(path: Path, batch_rows: int, **kwargs):
     shard conformed to the final schema as ``curate`` publishes it), summed up."""
     from distillery.accounting import StageCount
     from distillery.stages.ingest import ingest_rows
-    from distillery.stages.ingest_batches import IngestBatches, conform
+    from distillery.stages.ingest import IngestBatches, conform
 
     whole = ingest_rows(str(path), text_column="completion", **kwargs)
     batches = IngestBatches(str(path), text_column="completion", batch_rows=batch_rows, **kwargs)

@@ -1,17 +1,18 @@
-"""The parts of sharded curation against the in-memory functions they replace: batched ingest
-(``ingest_batches``) against ``ingest_rows``, and spilled n-gram statistics (``collapse_external``)
-against ``collapse.ngram_statistics`` / ``collapse_report``."""
+"""The curation stages over shards: ingest at any batch size adds up to the whole input as one
+batch (``ingest_rows``), and the spilled n-gram statistics equal a plain ``Counter`` over the
+same words at any batch size and bucket budget."""
 
 import json
+from collections import Counter
 
 import polars as pl
 import pytest
 
 from distillery.accounting import StageCount, StageResult
-from distillery.stages import collapse_external
+from distillery.stages import collapse
 from distillery.stages.collapse import collapse_report, ngram_statistics
-from distillery.stages.ingest import ingest_rows
-from distillery.stages.ingest_batches import IngestBatches
+from distillery.stages.dedup import normalize_text
+from distillery.stages.ingest import IngestBatches, ingest_rows
 from schemas.recipe import CollapseConfig
 
 LINES = [
@@ -58,18 +59,41 @@ def test_ingest_batches_read_parquet_in_batches(tmp_path):
     assert batches.parent == reference.meta["parent"] and reference.meta["parent"]["rows"] == 25
 
 
-def test_sharded_ngram_statistics_equal_the_counter(tmp_path, monkeypatch):
-    monkeypatch.setattr(collapse_external, "BATCH_TEXTS", 7)
-    monkeypatch.setattr(collapse_external, "BUCKET_BYTES", 256)  # forces over-budget buckets to split
+def _counter_statistics(texts, sizes, top_k):
+    """The oracle: every n-gram counted in a Counter (ties: first seen first, as most_common)."""
+    counters = {n: Counter() for n in sizes}
+    for text in texts:
+        words = normalize_text(text or "").split()
+        for n, counter in counters.items():
+            counter.update(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
+    stats = {"texts": len(texts)}
+    for n, counter in counters.items():
+        total, top = sum(counter.values()), counter.most_common(max(top_k, collapse.TOP_SHOWN))
+        stats[f"n{n}"] = {
+            "total": total,
+            "unique": len(counter),
+            "distinct_n": len(counter) / total if total else 0.0,
+            "top_k_share": sum(c for _, c in top[:top_k]) / total if total else 0.0,
+            "top": [[g, c] for g, c in top[: collapse.TOP_SHOWN]],
+        }
+    return stats
+
+
+@pytest.mark.parametrize(("batch_texts", "bucket_bytes"), [(7, 256), (10_000, 16 << 20)])
+def test_ngram_statistics_equal_a_counter_at_any_batch_and_bucket_size(tmp_path, monkeypatch, batch_texts, bucket_bytes):
+    monkeypatch.setattr(collapse, "BATCH_TEXTS", batch_texts)
+    monkeypatch.setattr(collapse, "BUCKET_BYTES", bucket_bytes)  # 256: over-budget buckets split
     texts = [f"Tom has {i % 13} apples and {i % 7} pears, so the answer is {i % 13 + i % 7}." for i in range(60)]
     texts += ["", None, "Café ﬁne-tuning déjà vu!", "one", "a b", "the answer is the answer is the answer"]
     for sizes, top_k in [((1, 2, 3), 100), ((2,), 3), ((1, 4), 1)]:
-        expected = ngram_statistics(texts, ngram_sizes=sizes, top_k=top_k)
-        got = collapse_external.ngram_statistics_sharded(lambda: iter(texts), tmp_path / f"s{top_k}", ngram_sizes=sizes, top_k=top_k)
-        assert got == expected
+        expected = _counter_statistics(texts, sizes, top_k)
+        assert ngram_statistics(texts, ngram_sizes=sizes, top_k=top_k) == expected
+        assert ngram_statistics(lambda: iter(texts), ngram_sizes=sizes, top_k=top_k, workdir=tmp_path) == expected  # two passes
+    assert not list(tmp_path.iterdir())  # the spill is removed
     cfg = CollapseConfig(top_k=5, max_top_k_share=0.01)
-    report = collapse_external.collapse_report_sharded(lambda: iter(texts[:30]), lambda: iter(texts), cfg, tmp_path / "r")
+    report = collapse_report(lambda: iter(texts[:30]), lambda: iter(texts), cfg)
     assert report == collapse_report(texts[:30], texts, cfg) and not report["gate"]["passed"]
+    assert report["output"] == _counter_statistics(texts[:30], collapse.report_sizes(cfg), 5)
 
 
 def test_ingest_batches_quarantine_too_large_rows_and_refuse_empty_input(tmp_path):
