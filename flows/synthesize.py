@@ -32,7 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 import distillery
-from distillery.accounting import StageCount, StageResult
+from distillery.accounting import StageCount
 from distillery.engine import EnginePool, start_ray, with_resolved_dtype
 from distillery.generation_cache import CachedGenerator
 from distillery.lineage import LineageRecorder
@@ -156,7 +156,9 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     selecting = recipe.select.policy != "all" or recipe.select.difficulty != "any"  # else a no-op, not a stage
     output = Output(spill / "publish", recipe.publish.shard_rows, contract="samples")
     paired = Output(spill / "pairs", recipe.publish.shard_rows, contract="preference_pairs", signatures=False) if recipe.select.pairs.enabled else None
-    pair_results: list[StageResult] = []
+    pair_counts: list[StageCount] = []  # the pairs' counts, reasons and rejects, shard by shard (the pairs go to their parts)
+    pair_reasons: Counter = Counter()
+    pair_rejects = Rejects(spill / "pair-rejects")
     selected_counts: list[StageCount] = []
     rates: Counter = Counter()
     considered = 0
@@ -165,8 +167,12 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
         if kept.height and label in kept.columns:
             rates.update(pass_rates(kept, label=label)["pass_rate"].round(2).to_list())
         if paired is not None:  # preference pairs from what curation kept (before best-of-N narrows it)
-            pair_results.append(pairs(kept, recipe.select, label))
-            paired.add(pair_results[-1].kept)
+            made_pairs = pairs(kept, recipe.select, label)
+            pair_counts.append(made_pairs.count)
+            pair_rejects.add(made_pairs.rejects)
+            if made_pairs.kept.height:
+                pair_reasons.update(made_pairs.kept["reason"].to_list())
+            paired.add(made_pairs.kept)
         considered += kept.height
         if selecting and kept.height:  # select keeps the rows' order
             chosen = select(kept, recipe.select, label)
@@ -225,7 +231,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     # 6. publish: the pairs (their own data set), then the samples
     companions = {}
     if paired is not None:
-        companions["preference_pairs"] = _publish_pairs(store_, recipe, paired, pair_results, considered, run_id, metadata, recorder)
+        companions["preference_pairs"] = _publish_pairs(store_, recipe, paired, pair_counts, pair_reasons, pair_rejects, considered, run_id, metadata, recorder)
     version = output.publish(
         store_,
         recipe.dataset,
@@ -280,21 +286,23 @@ def _spent_stats(spent: dict[str, int], rounds: int, budget: int) -> dict:
 
 
 def _publish_pairs(
-    store: Store, recipe: Recipe, paired: Output, results: list[StageResult], considered: int, run_id: str, metadata: dict, recorder: LineageRecorder
+    store: Store,
+    recipe: Recipe,
+    paired: Output,
+    counts: list[StageCount],
+    reasons: Counter,
+    pair_rejects: Rejects,
+    considered: int,
+    run_id: str,
+    metadata: dict,
+    recorder: LineageRecorder,
 ) -> str:
     """Preference pairs from the samples curation kept (before best-of-N narrows them), as their
     own data set: its rows are problems in, pairs out (``pair`` stage, fanout = pairs per problem)."""
-    count = StageCount.combine([r.count for r in results]) if results else StageCount("pair", 0, 0, recipe.select.pairs.max_pairs_per_problem)
-    reasons: Counter = Counter()
-    for r in results:
-        if r.kept.height:
-            reasons.update(r.kept["reason"].to_list())
+    count = StageCount.combine(counts) if counts else StageCount("pair", 0, 0, recipe.select.pairs.max_pairs_per_problem)
     stats = {"samples_considered": considered, "problems": count.rows_in, "pairs": count.rows_out}
     if reasons:
         stats["pairs_by_reason"] = dict(reasons.most_common())
-    pair_rejects = Rejects(paired.folder / "pair-rejects")
-    for r in results:
-        pair_rejects.add(r.rejects)
     published = paired.publish(
         store,
         recipe.pairs_dataset,
