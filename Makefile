@@ -8,7 +8,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 # The run settings (Prefect's start-up timeout, offline hubs) live in distillery.RUN_ENV (the CLI
 # applies them) and the tests' in tests/conftest.py, so `pytest` alone runs like `make test`.
-PYTEST_ARGS ?=
+# Two workers (pytest-xdist), one per core: most of a test's time is start-up (Ray, Prefect, the
+# engine), which the other worker's tests overlap. By file: a module's fixtures run once.
+TEST_WORKERS ?= 2
+PYTEST_ARGS ?= -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: install model run test test-fast lock clean bench bench-cpu bench-dedup bench-curate bench-synthesize
 
@@ -34,7 +37,7 @@ test: model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: model
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lock: install
 	{ echo "# The resolved CPU environment (pip freeze of \`make install\` on Python 3.11), used as pip constraints."; \

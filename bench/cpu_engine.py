@@ -13,6 +13,9 @@ setting runs in a fresh process (vLLM reads its thread settings at start-up) wit
   per worker for the engine-core process (``VLLM_CPU_NUM_OF_RESERVED_CPU=1``): on 2 cores, 1 thread.
 - ``all cores, bound``: the same binding with no core kept back (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``).
 - ``all cores, unbound``: ``VLLM_CPU_OMP_THREADS_BIND=nobind`` and ``OMP_NUM_THREADS`` = cores.
+- ``all cores, unbound, engine core apart``: the same, with vLLM's engine core in a process of its
+  own (``VLLM_ENABLE_V1_MULTIPROCESSING=1``, vLLM's default) instead of in the engine's process
+  (what ``distillery.engine.apply_cpu_settings`` sets, as in every other row).
 
 Prints a table with each setting's tokens/s as a ratio to the slowest and says what
 ``engine.dtype: auto`` resolves to on this CPU (and why). The machine is shared and noisy:
@@ -35,6 +38,11 @@ THREADS = {
     "1 thread": {"VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"},
     "all cores, bound": {"VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
     "all cores, unbound": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(os.cpu_count() or 1)},
+    "all cores, unbound, engine core apart": {
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "OMP_NUM_THREADS": str(os.cpu_count() or 1),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+    },
 }
 DTYPES = ("bfloat16", "float32")
 
@@ -91,6 +99,7 @@ def main() -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
         env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
         env.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         env.update(env_extra)
         cmd = [sys.executable, __file__, "--child", dtype, "--requests", str(args.requests), "--max-tokens", str(args.max_tokens)]
         print(f"round {round_no + 1}: {dtype}, {threads} ...", file=sys.stderr, flush=True)
@@ -113,9 +122,9 @@ def main() -> None:
     print(f"CPU: {os.cpu_count()} cores; native bf16 flag: {flag or 'none'}; AVX-512F: {'avx512f' in flags}; AVX2: {'avx2' in flags}")
     print(f"engine.dtype: auto -> {auto} ({why})")
     print(f"{args.requests} requests of the default recipe, at most {args.max_tokens} tokens each, one batch")
-    print(f"{'dtype':<9} {'threads':<20} {'tokens':>7} {'tok/s (median)':>15} {'x slowest':>10}  runs")
+    print(f"{'dtype':<9} {'threads':<38} {'tokens':>7} {'tok/s (median)':>15} {'x slowest':>10}  runs")
     for r in rows:
-        print(f"{r['dtype']:<9} {r['threads']:<20} {r['output_tokens']:>7} {r['tokens_per_s']:>15} {r['ratio_to_slowest']:>10}  {r['tokens_per_s_runs']}")
+        print(f"{r['dtype']:<9} {r['threads']:<38} {r['output_tokens']:>7} {r['tokens_per_s']:>15} {r['ratio_to_slowest']:>10}  {r['tokens_per_s_runs']}")
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {

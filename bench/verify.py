@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distillery.stages.verify import match_statuses, reference_answer, verify_samples  # noqa: E402
+from schemas.recipe import VerifyConfig  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 FORMS = ["solution", "answer_is", "boxed", "wrong", "frac", "sqrt", "cdot"]
@@ -77,13 +78,13 @@ def main() -> None:
 
     samples = completions(args.rows)
     match_statuses([("\\frac{1}{2}", "0.5")])  # start the worker and warm math-verify up, untimed
-    verify_samples(samples.head(20), bounded=False)
+    verify_samples(samples.head(20), VerifyConfig(), bounded=False)
     times: dict[str, list[float]] = {"old": [], "new": []}
     results = {}
     for _ in range(args.repeats):
         for name, bounded in (("old", False), ("new", True)):
             t0 = time.perf_counter()
-            results[name] = verify_samples(samples, keep="all", timeout_s=args.timeout_s, bounded=bounded)
+            results[name] = verify_samples(samples, VerifyConfig(keep="all", timeout_s=args.timeout_s), bounded=bounded)
             times[name].append(time.perf_counter() - t0)
     same = results["old"].kept["correct"].to_list() == results["new"].kept["correct"].to_list()
     assert same, "the bounded path judged some ordinary answers differently"
@@ -96,7 +97,7 @@ def main() -> None:
             {"sample_id": ["p"], "seed_id": ["p"], "completion": [f"\\boxed{{{answer}}}"], "reference_answer": ["5"]}
         )
         t0 = time.perf_counter()
-        result = verify_samples(rows, keep="correct", timeout_s=args.timeout_s)
+        result = verify_samples(rows, VerifyConfig(keep="correct", timeout_s=args.timeout_s))
         pathological[label] = {"seconds": round(time.perf_counter() - t0, 3), "dropped": result.count.dropped}
 
     summary = {

@@ -22,6 +22,7 @@ down to single requests, and a request that still kills it becomes an error resu
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +122,15 @@ def with_resolved_dtype(engine: EngineConfig, model_path: str | None = None) -> 
     return engine.model_copy(update={"dtype": dtype}), why
 
 
+# The CPU engine's core runs in the engine's own process, not in two more (engine core and
+# worker): on 2 cores it starts in about 4 s instead of 20 and generates about 1.4x faster (no
+# busy-polling engine-core process beside the model's threads; bench/cpu_engine.py measures
+# both). Not where llvmlite (numba, which distillery.minhash uses) is loaded: vLLM 0.32's kernel
+# rebinding then scans that process's modules and fails on one of llvmlite's objects. An engine
+# actor imports this module only; a user's VLLM_ENABLE_V1_MULTIPROCESSING wins.
+_USER_MULTIPROCESSING = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+
+
 def apply_cpu_settings(engine: EngineConfig) -> None:
     """The CPU build's settings, in this process's environment before vLLM starts: its KV cache
     space and its threads (``distillery.hardware.cpu_engine_env``)."""
@@ -128,6 +138,8 @@ def apply_cpu_settings(engine: EngineConfig) -> None:
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(engine.kv_cache_gib))))
     os.environ.update(cpu_engine_env(engine.replicas))
+    if _USER_MULTIPROCESSING is None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if "llvmlite.binding.ffi" in sys.modules else "0"
 
 
 class _OwnsEngineCore:

@@ -64,7 +64,7 @@ import distillery
 from distillery.accounting import StageCount
 from distillery.logs import run_logger
 from distillery.store import Store, parse_version_uri
-from distillery.uri_io import is_s3
+from distillery.uri_io import is_s3, redact_uri
 
 
 DEFAULT_NAMESPACE = "distillery"
@@ -238,18 +238,13 @@ def dataset_for_uri(uri: str) -> tuple[str, str]:
     return "file", str(Path(uri).expanduser().resolve())
 
 
-_USERINFO = re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+@")
 _SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|AUTH|SESSION", re.IGNORECASE)
 
 
-def redact_uri(text: str) -> str:
-    """Mask ``user:password@`` in URIs (data set names and namespaces keep everything else)."""
-    return _USERINFO.sub("***@", text)
-
-
 def redact(text: str) -> str:
-    """Free text (error messages, stack traces): URIs' ``user:password@`` and the values of
-    secret-looking environment variables (``*KEY*``, ``*SECRET*``, ``*TOKEN*``, ...) masked."""
+    """Free text (error messages, stack traces): URIs' ``user:password@`` or ``token@``
+    (:func:`distillery.uri_io.redact_uri`) and the values of secret-looking environment
+    variables (``*KEY*``, ``*SECRET*``, ``*TOKEN*``, ...) masked."""
     text = redact_uri(text)
     for name, value in os.environ.items():
         if len(value) >= 8 and _SECRET_NAME.search(name) and value in text:
@@ -677,6 +672,5 @@ __all__ = [
     "read_events",
     "run_prefixes",
     "redact",
-    "redact_uri",
     "store_namespace",
 ]

@@ -13,6 +13,6 @@ from schemas.recipe import EvolveConfig
 
 @task(name="evolve-shard", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, task_run_name="evolve-{round_no}-shard-{shard_index}")
 def evolve_shard(generator, shard_index: int, instructions: pl.DataFrame, round_no: int, cfg: EvolveConfig, run_seed: int) -> StageResult:
-    requests = evolution_requests(instructions, round_no=round_no, run_seed=run_seed, operations=tuple(cfg.operations))
+    requests = evolution_requests(instructions, cfg, round_no=round_no, run_seed=run_seed)
     results = generator.generate(shard_index, requests, SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens))
-    return evolve_round(instructions, requests, results, round_no=round_no, max_chars=cfg.max_chars, max_similarity=cfg.max_similarity)
+    return evolve_round(instructions, requests, results, cfg, round_no=round_no)

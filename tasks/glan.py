@@ -13,13 +13,13 @@ from schemas.recipe import GlanConfig
 
 @task(name="syllabus", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def write_syllabi(generator, subjects: pl.DataFrame, cfg: GlanConfig, run_seed: int, shard_size: int) -> StageResult:
-    requests = syllabus_requests(subjects, sessions=cfg.sessions, run_seed=run_seed)
+    requests = syllabus_requests(subjects, cfg, run_seed=run_seed)
     results = in_shards(generator, requests, SamplingSettings(cfg.temperature, cfg.top_p, cfg.syllabus_max_tokens), shard_size)
-    return syllabus(subjects, requests, results, sessions=cfg.sessions)
+    return syllabus(subjects, requests, results, cfg)
 
 
 @task(name="questions", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def write_questions(generator, sessions: pl.DataFrame, cfg: GlanConfig, run_seed: int, shard_size: int) -> StageResult:
-    requests = question_requests(sessions, per_session=cfg.per_session, run_seed=run_seed)
+    requests = question_requests(sessions, cfg, run_seed=run_seed)
     results = in_shards(generator, requests, SamplingSettings(cfg.temperature, cfg.top_p, cfg.question_max_tokens), shard_size)
-    return questions(sessions, requests, results, per_session=cfg.per_session, min_chars=cfg.min_chars, max_chars=cfg.max_chars)
+    return questions(sessions, requests, results, cfg)

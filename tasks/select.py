@@ -11,13 +11,13 @@ from schemas.recipe import SelectConfig
 
 @task(name="select", cache_policy=NO_CACHE)
 def select(rows: pl.DataFrame, cfg: SelectConfig, label: str) -> StageResult:
-    result = select_samples(rows, policy=cfg.policy, label=label, min_reward=cfg.min_reward, k=cfg.k, difficulty=cfg.difficulty, band=cfg.band)
+    result = select_samples(rows, cfg, label)
     get_run_logger().info("select (%s, label %s, difficulty %s): kept %d of %d %s", cfg.policy, label, cfg.difficulty, result.kept.height, rows.height, result.count.dropped or "")
     return result
 
 
 @task(name="pairs", cache_policy=NO_CACHE)
 def pairs(rows: pl.DataFrame, cfg: SelectConfig, label: str) -> StageResult:
-    result = pair_stage(rows, label=label, max_pairs_per_problem=cfg.pairs.max_pairs_per_problem, min_reward_gap=cfg.pairs.min_reward_gap)
+    result = pair_stage(rows, cfg.pairs, label)
     get_run_logger().info("pairs: %d pairs from %d problems %s", result.kept.height, result.count.rows_in, result.count.dropped or "")
     return result

@@ -16,5 +16,4 @@ _verify_remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(verify_sam
 @task(name="verify-shard", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, task_run_name="verify-shard-{shard_index}")
 def verify_shard(shard_index: int, generated: StageResult, cfg: VerifyConfig) -> StageResult:
     """Verify the samples one synthesize shard passed on (``generated.kept``)."""
-    settings = {"keep": cfg.keep, "fallback_last_number": cfg.fallback_last_number, "timeout_s": cfg.timeout_s}
-    return ray.get(_verify_remote.remote(generated.kept, **settings))
+    return ray.get(_verify_remote.remote(generated.kept, cfg))

@@ -26,6 +26,10 @@ TEST_ENV = {
 }
 for _key, _value in TEST_ENV.items():
     os.environ.setdefault(_key, _value)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the tests in parallel workers (pytest-xdist): each its own Prefect home,
+    # so that two embedded servers never share one SQLite database.
+    os.environ["PREFECT_HOME"] = str(Path(os.environ["PREFECT_HOME"]) / os.environ["PYTEST_XDIST_WORKER"])
 apply_run_env()
 Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 
@@ -34,6 +38,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> str:
+    """One real ``prefect server`` for this test session (each xdist worker its own), started on
+    first use; its API URL. The CLI runs of the modules that ask for it (``shared_prefect``) talk
+    to it, as a user's runs with ``PREFECT_API_URL`` set do, instead of each starting a temporary
+    server on a new database (6 to 10 s of every run on 2 cores). The embedded default keeps its
+    own end-to-end runs (tests/flows/test_synthesize_flow.py, test_actor_failure.py, the
+    credential-leak check of tests/test_security.py, the fast tier's in-process flows)."""
+    from tests.prefect_server import serve, stop
+
+    tmp = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+    proc = serve(port, env, tmp / "server.log", "--no-services")  # runs need the API only
+    yield f"http://127.0.0.1:{port}/api"
+    stop(proc)
+
+
+@pytest.fixture
+def shared_prefect(prefect_server, monkeypatch) -> str:
+    """This test's CLI runs use the session's ``prefect_server`` (``PREFECT_API_URL``)."""
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    return prefect_server
 
 
 @pytest.fixture(scope="session")
@@ -85,3 +115,33 @@ def pytest_sessionfinish(session, exitstatus):
         child.join(10)
         if child.is_alive():
             child.kill()
+
+
+# The longest modules, slowest first (each several minutes with the real engine: see the
+# durations `make test` prints). With `make test`'s two workers and whole modules per worker
+# (--dist loadfile --no-loadscope-reorder), starting these first lets the many short modules
+# fill in around them, so that both workers finish at about the same time.
+SLOWEST_FIRST = (
+    "tests/flows/test_chaos.py",
+    "tests/flows/test_rewards_flow.py",
+    "tests/flows/test_actor_failure.py",
+    "tests/flows/test_synthesize_flow.py",
+    "tests/test_deployments.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the slowest modules first, then the other modules with a slow test, then the rest
+    (each group in collection order)."""
+
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        if path in SLOWEST_FIRST:
+            return SLOWEST_FIRST.index(path)
+        return len(SLOWEST_FIRST) + (0 if item.get_closest_marker("slow") else 1)
+
+    modules: dict[str, int] = {}
+    for item in items:  # a module's rank is its best test's, so that a module stays together
+        path = item.nodeid.split("::")[0]
+        modules[path] = min(modules.get(path, 99), rank(item))
+    items.sort(key=lambda item: modules[item.nodeid.split("::")[0]])

@@ -55,9 +55,10 @@ BIG = 5_000_000  # a 5 MB text: five times the default row limit (1 MiB)
 
 
 @pytest.fixture(autouse=True)
-def _own_prefect_home(tmp_path, monkeypatch):
-    """Each CLI run here gets its own Prefect home (the embedded server's SQLite database): Prefect
-    creates the folder without its parents, so an inherited PREFECT_HOME may not be usable."""
+def _own_prefect_home(tmp_path, monkeypatch, shared_prefect):
+    """Each CLI run here gets its own Prefect home: Prefect creates the folder without its
+    parents, so an inherited PREFECT_HOME may not be usable. The runs report to the session's
+    ``prefect server`` (``shared_prefect``) rather than each starting a temporary one."""
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
 
 

@@ -8,8 +8,6 @@ Slow (a few minutes on 2 cores): deselect with `-m "not slow"`.
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,47 +16,20 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import free_port
+from tests.prefect_server import serve, start, stop, tail
+
 ROOT = Path(__file__).resolve().parents[1]
 AUTH = "distillery:s3cret-for-tests"
 pytestmark = pytest.mark.slow
 TINY = ["seeds.builtin.count=2", "generation.samples_per_problem=1", "generation.max_tokens=32", "verify.keep=all"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd, env, log: Path) -> subprocess.Popen:
-    """A child in its own process group (so teardown stops it and everything it started)."""
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _tail(path: Path, n: int = 6000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else ""
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME (SQLite) and basic auth."""
     tmp = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     base.update(
@@ -71,21 +42,11 @@ def server(tmp_path_factory):
     server_env = {**base, "PREFECT_SERVER_API_AUTH_STRING": AUTH, "PREFECT_UI_ENABLED": "false"}
     client_env = {**base, "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": AUTH}
     log = tmp / "server.log"
-    proc = _start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env, log)
+    proc = serve(port, server_env, log)
     try:
-        deadline = time.monotonic() + 240  # a busy 2-core machine: migrations take a while
-        while True:
-            assert proc.poll() is None, f"prefect server exited ({proc.returncode}):\n{_tail(log)}"
-            try:
-                if httpx.get(f"{api}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"prefect server not healthy after 240 s:\n{_tail(log)}"
-            time.sleep(1)
         yield {"api": api, "env": client_env, "tmp": tmp, "log": log}
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _auth_header(auth: str = AUTH) -> dict:
@@ -159,7 +120,7 @@ def test_deploy_then_a_worker_runs_a_deployment_that_publishes(server, tmp_path)
     assert gpu["limit"] == 1
 
     worker_log = tmp_path / "worker.log"
-    worker = _start([sys.executable, "-m", "prefect", "worker", "start", "--pool", "distillery", "--type", "process"], env, worker_log)
+    worker = start([sys.executable, "-m", "prefect", "worker", "start", "--pool", "distillery", "--type", "process"], env, worker_log)
     try:
         params = ["--param", f"store={store}", "--param", "overrides=" + json.dumps(TINY)]
         out = subprocess.run(
@@ -178,12 +139,12 @@ def test_deploy_then_a_worker_runs_a_deployment_that_publishes(server, tmp_path)
             state = run["state"]["type"]
             if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 break
-            assert worker.poll() is None, f"worker exited ({worker.returncode}):\n{_tail(worker_log)}"
-            assert time.monotonic() < deadline, f"flow run still {state} after 900 s:\n{_tail(worker_log)}"
+            assert worker.poll() is None, f"worker exited ({worker.returncode}):\n{tail(worker_log)}"
+            assert time.monotonic() < deadline, f"flow run still {state} after 900 s:\n{tail(worker_log)}"
             time.sleep(3)
-        assert state == "COMPLETED", f"{state}: {run['state'].get('message')}\n{_tail(worker_log)}"
+        assert state == "COMPLETED", f"{state}: {run['state'].get('message')}\n{tail(worker_log)}"
     finally:
-        _stop(worker)
+        stop(worker)
 
     versions = sorted((store / "arithmetic-cot").glob("v*/manifest.json"))
     assert len(versions) == 1, list(store.rglob("*"))[:20]

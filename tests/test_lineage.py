@@ -350,6 +350,9 @@ def test_input_identities():
     assert dataset_for_uri("seeds.jsonl")[1] == str(Path("seeds.jsonl").resolve())
     assert store_namespace(Store("s3://bucket/prefix/")) == "s3://bucket/prefix"
     assert redact("http://u:p4ss@h/x") == "http://***@h/x"
+    # one rule for URIs everywhere (distillery.uri_io.redact_uri): a bare token@ is a secret too
+    assert redact("pull https://ghp_abc123@github.com/o/r failed") == "pull https://***@github.com/o/r failed"
+    assert dataset_for_uri("https://tok3n@example.org/x/seeds.jsonl") == ("https://***@example.org", "/x/seeds.jsonl")
 
 
 # -- a real HTTP endpoint -------------------------------------------------------------------------

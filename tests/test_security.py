@@ -47,9 +47,10 @@ ESCAPES = ["../x", "a/../../b", "..", "/etc/passwd", "x/..", "demo/../../etc"]
 
 
 @pytest.fixture(autouse=True)
-def _own_prefect_home(tmp_path, monkeypatch):
-    """Each CLI run here gets its own Prefect home (the embedded server's SQLite database): Prefect
-    creates the folder without its parents, so an inherited PREFECT_HOME may not be usable."""
+def _own_prefect_home(tmp_path, monkeypatch, shared_prefect):
+    """Each CLI run here gets its own Prefect home: Prefect creates the folder without its
+    parents, so an inherited PREFECT_HOME may not be usable. The runs report to the session's
+    ``prefect server`` (``shared_prefect``) rather than each starting a temporary one."""
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
 
 
@@ -270,7 +271,8 @@ def _files_containing(folder: Path, secrets: list[str], since: float = 0.0) -> l
     return hits
 
 
-def test_a_real_curate_on_s3_leaks_no_credential_anywhere(s3, s3_endpoint, tmp_path):
+def test_a_real_curate_on_s3_leaks_no_credential_anywhere(s3, s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL")  # the embedded server: its database is checked below, in PREFECT_HOME
     tag = uuid.uuid4().hex[:10]
     secrets = {
         "AWS_ACCESS_KEY_ID": f"AKIALEAKTEST{tag.upper()}",

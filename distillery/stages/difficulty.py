@@ -20,7 +20,6 @@ Plain functions around whatever generates text (the flow samples and verifies in
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from typing import Any
 
@@ -30,10 +29,8 @@ from distillery.accounting import StageCount, StageResult, rows_to_rejects
 from distillery.prompts import load_template
 from distillery.stages.evolve import elimination_reason
 from distillery.stages.self_instruct import parse_task
-
-
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
+from distillery.stages.synthesize import derived_seed
+from schemas.recipe import DifficultyConfig
 
 
 def probe(problems: pl.DataFrame, verified: pl.DataFrame) -> StageResult:
@@ -72,16 +69,15 @@ def variant_requests(problems: pl.DataFrame, *, run_seed: int) -> list[dict[str,
                 "direction": way,
                 "template": template.id,
                 "messages": [{"role": "user", "content": template.render(question=row["question"])}],
-                "sampling_seed": _seed(run_seed, row["seed_id"], way),
+                "sampling_seed": derived_seed(run_seed, row["seed_id"], way),
             }
         )
     return requests
 
 
-def retarget(
-    problems: pl.DataFrame, requests: list[dict[str, Any]], results: list[dict[str, Any]], *, max_chars: int = 1500, max_similarity: float = 0.9
-) -> StageResult:
-    """Stage ``retarget``: each problem, then its variant (kept, or dropped with the reason)."""
+def retarget(problems: pl.DataFrame, requests: list[dict[str, Any]], results: list[dict[str, Any]], cfg: DifficultyConfig) -> StageResult:
+    """Stage ``retarget``: each problem, then its variant (kept, or dropped with the reason;
+    ``cfg.max_chars`` and ``cfg.max_similarity`` as in Evol-Instruct)."""
     answered = {r["seed_id"]: (r, res) for r, res in zip(requests, results, strict=True)}
     originals = problems.with_columns(pl.lit(None, dtype=pl.Utf8).alias("variant_of"), pl.lit(None, dtype=pl.Utf8).alias("variant_direction"), pl.lit(None, dtype=pl.Utf8).alias("variant_template"))
     variants, reasons, details = [], [], []
@@ -104,7 +100,7 @@ def retarget(
         elif result.get("error"):
             reason, detail = "generation_error", result["error"]
         else:
-            reason, detail = elimination_reason(row["question"], text, max_chars=max_chars, max_similarity=max_similarity), None
+            reason, detail = elimination_reason(row["question"], text, max_chars=cfg.max_chars, max_similarity=cfg.max_similarity), None
         variants.append(variant)
         reasons.append(reason)
         details.append(detail)
@@ -117,8 +113,9 @@ def retarget(
     return StageResult("retarget", kept, rejects, count)
 
 
-def label(samples: pl.DataFrame, *, easy_at: float, hard_at: float, verdicts: pl.DataFrame | None = None) -> pl.DataFrame:
-    """``pass_rate`` and ``difficulty`` on every sample. The pass rate is over the problem's
+def label(samples: pl.DataFrame, cfg: DifficultyConfig, *, verdicts: pl.DataFrame | None = None) -> pl.DataFrame:
+    """``pass_rate`` and ``difficulty`` (``easy`` at ``cfg.easy_at`` or more, ``hard`` at
+    ``cfg.hard_at`` or less) on every sample. The pass rate is over the problem's
     ``verdicts`` (``seed_id``, ``correct``: every verified sample, also those verify dropped),
     or over ``samples`` themselves when none are given."""
     if samples.height == 0:
@@ -129,9 +126,9 @@ def label(samples: pl.DataFrame, *, easy_at: float, hard_at: float, verdicts: pl
     return labelled.with_columns(
         pl.when(pl.col("pass_rate").is_null())
         .then(pl.lit(None, dtype=pl.Utf8))
-        .when(pl.col("pass_rate") >= easy_at)
+        .when(pl.col("pass_rate") >= cfg.easy_at)
         .then(pl.lit("easy"))
-        .when(pl.col("pass_rate") <= hard_at)
+        .when(pl.col("pass_rate") <= cfg.hard_at)
         .then(pl.lit("hard"))
         .otherwise(pl.lit("medium"))
         .alias("difficulty")

@@ -32,6 +32,8 @@ import polars as pl
 
 from distillery.accounting import StageResult
 from distillery.prompts import load_template
+from distillery.stages.synthesize import derived_seed
+from schemas.recipe import EvolveConfig
 
 DEPTH = ("add_constraints", "deepen", "concretize", "more_reasoning")
 OPERATIONS = (*DEPTH, "breadth")
@@ -47,20 +49,21 @@ def pick_operation(run_seed: int, seed_id: str, round_no: int, operations: tuple
     return operations[int.from_bytes(digest[:4], "big") % len(operations)]
 
 
-def evolution_requests(rows: pl.DataFrame, *, round_no: int, run_seed: int, operations: tuple[str, ...] = OPERATIONS) -> list[dict[str, Any]]:
-    """One rewrite request per instruction (``seed_id``, ``question``), in row order."""
+def evolution_requests(rows: pl.DataFrame, cfg: EvolveConfig, *, round_no: int, run_seed: int) -> list[dict[str, Any]]:
+    """One rewrite request per instruction (``seed_id``, ``question``), in row order; the
+    operation of each is picked among ``cfg.operations``."""
+    operations = tuple(cfg.operations)
     requests = []
     for row in rows.iter_rows(named=True):
         operation = pick_operation(run_seed, row["seed_id"], round_no, operations)
         template = load_template("evol_instruct", operation)
-        digest = hashlib.sha256(f"{run_seed}:{row['seed_id']}:evolve-sample:{round_no}".encode()).digest()
         requests.append(
             {
                 "seed_id": row["seed_id"],
                 "operation": operation,
                 "template": template.id,
                 "messages": [{"role": "user", "content": template.render(question=row["question"])}],
-                "sampling_seed": int.from_bytes(digest[:4], "big") & 0x7FFFFFFF,
+                "sampling_seed": derived_seed(run_seed, row["seed_id"], "evolve-sample", round_no),
             }
         )
     return requests
@@ -101,15 +104,10 @@ def evolved_id(seed_id: str, round_no: int) -> str:
 
 
 def evolve_round(
-    parents: pl.DataFrame,
-    requests: list[dict[str, Any]],
-    results: list[dict[str, Any]],
-    *,
-    round_no: int,
-    max_chars: int = 1500,
-    max_similarity: float = 0.9,
+    parents: pl.DataFrame, requests: list[dict[str, Any]], results: list[dict[str, Any]], cfg: EvolveConfig, *, round_no: int
 ) -> StageResult:
-    """The next generation of instructions from one round's results (one per parent, in order).
+    """The next generation of instructions from one round's results (one per parent, in order);
+    rewrites are eliminated by ``cfg.max_chars`` and ``cfg.max_similarity``.
 
     A kept row is a new instruction: ``seed_id`` ``<parent>.e<round>``, ``question`` the rewrite,
     no reference answer (a rewritten problem has a new answer), ``parent_id``, ``root_id``,
@@ -123,7 +121,7 @@ def evolve_round(
     for parent, request, result in zip(parents.iter_rows(named=True), requests, results, strict=True):
         child = clean_evolved(result.get("completion"))
         reason = "generation_error" if result.get("error") else elimination_reason(
-            parent["question"], child, max_chars=max_chars, max_similarity=max_similarity
+            parent["question"], child, max_chars=cfg.max_chars, max_similarity=cfg.max_similarity
         )
         step = {"round": round_no, "operation": request["operation"], "template": request["template"], "from": parent["question"]}
         rows.append(

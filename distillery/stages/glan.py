@@ -30,16 +30,14 @@ import yaml
 from distillery.accounting import StageCount, StageResult, rows_to_rejects
 from distillery.prompts import load_template
 from distillery.stages.self_instruct import parse_task, text_problem
+from distillery.stages.synthesize import derived_seed
+from schemas.recipe import GlanConfig, YamlRefused, load_yaml
 
 _ITEM = re.compile(r"^\s*(?:[-*•]|\(?\d+[.):])\s*")
 
 
 class TaxonomyError(ValueError):
     """A taxonomy file that cannot be used; the message names the node."""
-
-
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
 def _slug(text: str) -> str:
@@ -54,8 +52,6 @@ def _name(node: Any, where: str) -> str:
 
 def load_taxonomy(data: bytes, uri: str) -> list[dict[str, Any]]:
     """One dict per subject: field, discipline, subject, concepts (a list of strings)."""
-    from schemas.recipe import YamlRefused, load_yaml
-
     try:
         tree = load_yaml(data, max_values=1_000_000)  # bounded like a recipe: no alias bomb, no endless nesting
     except YamlRefused as err:
@@ -105,14 +101,15 @@ def ingest_taxonomy(path: str, data: bytes | None = None) -> StageResult:
     return StageResult("ingest", frame, rows_to_rejects("ingest", frame.clear(), []), StageCount("ingest", len(rows), len(rows)), meta={"parent": parent})
 
 
-def syllabus_requests(subjects: pl.DataFrame, *, sessions: int, run_seed: int) -> list[dict[str, Any]]:
+def syllabus_requests(subjects: pl.DataFrame, cfg: GlanConfig, *, run_seed: int) -> list[dict[str, Any]]:
+    """One request per subject for a syllabus of ``cfg.sessions`` sessions."""
     template = load_template("glan", "syllabus")
     return [
         {
             "seed_id": row["seed_id"],
             "template": template.id,
-            "messages": [{"role": "user", "content": template.render(sessions=sessions, **{k: row[k] for k in ("field", "discipline", "subject", "concepts")})}],
-            "sampling_seed": _seed(run_seed, row["seed_id"], "syllabus"),
+            "messages": [{"role": "user", "content": template.render(sessions=cfg.sessions, **{k: row[k] for k in ("field", "discipline", "subject", "concepts")})}],
+            "sampling_seed": derived_seed(run_seed, row["seed_id"], "syllabus"),
         }
         for row in subjects.iter_rows(named=True)
     ]
@@ -132,8 +129,9 @@ def parse_syllabus(text: str | None, limit: int) -> list[str]:
     return sessions
 
 
-def syllabus(subjects: pl.DataFrame, requests: list[dict[str, Any]], results: list[dict[str, Any]], *, sessions: int) -> StageResult:
-    """Stage ``syllabus``: ``sessions`` rows per subject, the unlisted ones dropped."""
+def syllabus(subjects: pl.DataFrame, requests: list[dict[str, Any]], results: list[dict[str, Any]], cfg: GlanConfig) -> StageResult:
+    """Stage ``syllabus``: ``cfg.sessions`` rows per subject, the unlisted ones dropped."""
+    sessions = cfg.sessions
     kept_rows, dropped_rows, reasons, details = [], [], [], []
     for subject, request, result in zip(subjects.iter_rows(named=True), requests, results, strict=True):
         listed = [] if result.get("error") else parse_syllabus(result.get("completion"), sessions)
@@ -154,7 +152,8 @@ def syllabus(subjects: pl.DataFrame, requests: list[dict[str, Any]], results: li
     return StageResult("syllabus", kept, rejects, count)
 
 
-def question_requests(sessions: pl.DataFrame, *, per_session: int, run_seed: int) -> list[dict[str, Any]]:
+def question_requests(sessions: pl.DataFrame, cfg: GlanConfig, *, run_seed: int) -> list[dict[str, Any]]:
+    """``cfg.per_session`` requests per session, one problem each."""
     template = load_template("glan", "question")
     return [
         {
@@ -162,17 +161,16 @@ def question_requests(sessions: pl.DataFrame, *, per_session: int, run_seed: int
             "question_index": k,
             "template": template.id,
             "messages": [{"role": "user", "content": template.render(**{c: row[c] for c in ("field", "discipline", "subject", "session")})}],
-            "sampling_seed": _seed(run_seed, row["seed_id"], "question", k),
+            "sampling_seed": derived_seed(run_seed, row["seed_id"], "question", k),
         }
         for row in sessions.iter_rows(named=True)
-        for k in range(per_session)
+        for k in range(cfg.per_session)
     ]
 
 
-def questions(
-    sessions: pl.DataFrame, requests: list[dict[str, Any]], results: list[dict[str, Any]], *, per_session: int, min_chars: int = 20, max_chars: int = 1000
-) -> StageResult:
-    """Stage ``questions``: ``per_session`` problems per session, each kept or dropped with its reason."""
+def questions(sessions: pl.DataFrame, requests: list[dict[str, Any]], results: list[dict[str, Any]], cfg: GlanConfig) -> StageResult:
+    """Stage ``questions``: ``cfg.per_session`` problems per session, each kept or dropped with its
+    reason (``cfg.min_chars`` and ``cfg.max_chars`` bound a problem's length)."""
     by_id = {row["seed_id"]: row for row in sessions.iter_rows(named=True)}
     rows, reasons, details, seen = [], [], [], {}
     for request, result in zip(requests, results, strict=True):
@@ -180,7 +178,7 @@ def questions(
         text = parse_task(result.get("completion"))
         key = " ".join(text.lower().split())
         row_id = f"{session['seed_id']}/q{request['question_index']}"
-        reason = text_problem(result, text, min_chars=min_chars, max_chars=max_chars) or ("duplicate" if key in seen else None)
+        reason = text_problem(result, text, min_chars=cfg.min_chars, max_chars=cfg.max_chars) or ("duplicate" if key in seen else None)
         if reason is None:
             seen[key] = row_id
         rows.append(
@@ -197,7 +195,7 @@ def questions(
         reasons.append(reason)
         details.append(result.get("error") or (f"the same as {seen[key]}" if reason == "duplicate" else None))
     frame = pl.DataFrame(rows, schema_overrides={"reference_answer": pl.Utf8})
-    return StageResult.from_reasons("questions", frame, reasons, details, rows_in=sessions.height, fanout=per_session)
+    return StageResult.from_reasons("questions", frame, reasons, details, rows_in=sessions.height, fanout=cfg.per_session)
 
 
 def coverage(subjects: pl.DataFrame, sessions: pl.DataFrame, problems: pl.DataFrame, published: pl.DataFrame | Counter) -> dict[str, dict[str, Any]]:

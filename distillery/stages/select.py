@@ -28,6 +28,7 @@ import polars as pl
 
 from distillery.accounting import StageCount, StageResult, empty_rejects, rows_to_rejects
 from distillery.stages.verify import answers_match
+from schemas.recipe import PairsConfig, SelectConfig
 
 STAGE = "select"
 
@@ -198,17 +199,13 @@ def pass_rates(rows: pl.DataFrame, *, label: str = "correct") -> pl.DataFrame:
 # --------------------------------------------------------------------------- select
 
 
-def select_samples(
-    rows: pl.DataFrame,
-    *,
-    policy: Policy,
-    label: str = "correct",
-    min_reward: float | None = None,
-    k: int = 1,
-    difficulty: Difficulty = "any",
-    band: tuple[float, float] = (0.0, 1.0),
-) -> StageResult:
-    """Drop problems by difficulty, then keep samples by ``policy`` (stage ``"select"``).
+def select_samples(rows: pl.DataFrame, cfg: SelectConfig, label: str | None = None) -> StageResult:
+    """Drop problems by ``cfg.difficulty``, then keep samples by ``cfg.policy`` (stage ``"select"``).
+
+    ``label`` is the boolean column that says a sample is right (the flow resolves ``cfg.label``
+    against the score method, :meth:`SelectConfig.label_column`); None: ``cfg.label``, with
+    ``"auto"`` meaning ``correct``. The options are checked here too, for configs built without
+    validation (``SelectConfig.model_construct``).
 
     difficulty (on the pass rate of ``label`` over each problem's samples, whole problems):
     ``"drop_all_solved"`` drops problems at 1.0 (``too_easy``), ``"drop_all_failed"`` at 0.0
@@ -221,6 +218,8 @@ def select_samples(
     keeps every sample. Kept rows stay in input order.
     """
     where = "select_samples"
+    policy, min_reward, k, difficulty, band = cfg.policy, cfg.min_reward, cfg.k, cfg.difficulty, cfg.band
+    label = cfg.label_column("none") if label is None else label
     _check_choice(policy, get_args(Policy), "policy", where)
     _check_choice(difficulty, get_args(Difficulty), "difficulty", where)
     if policy == "threshold" and min_reward is None:
@@ -398,8 +397,10 @@ def preference_pairs(
 PAIR_STAGE = "pair"
 
 
-def pair_stage(rows: pl.DataFrame, *, label: str = "correct", max_pairs_per_problem: int = 1, min_reward_gap: float = 0.0) -> StageResult:
-    """:func:`preference_pairs` as a stage (``"pair"``) whose rows are problems.
+def pair_stage(rows: pl.DataFrame, cfg: PairsConfig, label: str = "correct") -> StageResult:
+    """:func:`preference_pairs` as a stage (``"pair"``) whose rows are problems, with
+    ``cfg.max_pairs_per_problem`` and ``cfg.min_reward_gap``; ``label`` is the boolean column
+    that says a sample is right (the flow passes the one select resolved).
 
     Each problem (``seed_id``) has ``max_pairs_per_problem`` slots (the stage's fanout). A problem
     without any valid pair is a reject, one row per problem: ``one_label`` (its labels agree and
@@ -407,6 +408,7 @@ def pair_stage(rows: pl.DataFrame, *, label: str = "correct", max_pairs_per_prob
     ``min_reward_gap``); the detail counts its samples. Slots a problem could not fill beyond its
     first pair count as ``fewer_pairs`` (no reject row: no row was dropped, a pair was not made).
     """
+    max_pairs_per_problem, min_reward_gap = cfg.max_pairs_per_problem, cfg.min_reward_gap
     pairs = preference_pairs(rows, label=label, max_pairs_per_problem=max_pairs_per_problem, min_reward_gap=min_reward_gap)
     if rows.height == 0:
         return StageResult(PAIR_STAGE, pairs, empty_rejects(), StageCount(PAIR_STAGE, 0, 0, max_pairs_per_problem))

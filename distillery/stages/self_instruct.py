@@ -20,7 +20,6 @@ Two steps, plain functions around whatever generates text:
 
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 from typing import Any
 
@@ -28,15 +27,13 @@ import polars as pl
 
 from distillery.accounting import StageResult
 from distillery.prompts import load_template
+from distillery.stages.synthesize import derived_seed
 from distillery.stages.verify import answers_match, extract_answer, normalize_answer
+from schemas.recipe import DifficultyConfig, SelfInstructConfig
 
 NEW_TASK = ("self_instruct", "new_task")
 SOLVE = ("self_instruct", "solve")
 _LABELS = ("problem", "task", "question", "new problem", "harder problem", "simpler problem")
-
-
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
 @lru_cache(maxsize=1)
@@ -51,15 +48,16 @@ def rouge_l(a: str, b: str) -> float:
     return _scorer().score(a, b)["rougeL"].fmeasure
 
 
-def task_requests(pool: pl.DataFrame, *, per_seed: int, examples: int, run_seed: int) -> list[dict[str, Any]]:
-    """``per_seed`` requests per pool row, in pool order; each shows ``examples`` pool tasks:
-    the row's own first, then others picked by a seeded hash (the same on a rerun)."""
+def task_requests(pool: pl.DataFrame, cfg: SelfInstructConfig, *, run_seed: int) -> list[dict[str, Any]]:
+    """``cfg.per_seed`` requests per pool row, in pool order; each shows ``cfg.examples`` pool
+    tasks: the row's own first, then others picked by a seeded hash (the same on a rerun)."""
+    per_seed, examples = cfg.per_seed, cfg.examples
     template = load_template(*NEW_TASK)
     ids, texts = pool["seed_id"].to_list(), pool["question"].to_list()
     requests = []
     for i, seed_id in enumerate(ids):
         for k in range(per_seed):
-            others = sorted((j for j in range(len(ids)) if j != i), key=lambda j: _seed(run_seed, seed_id, k, ids[j]))
+            others = sorted((j for j in range(len(ids)) if j != i), key=lambda j: derived_seed(run_seed, seed_id, k, ids[j]))
             shown = [i, *others[: max(0, examples - 1)]]
             requests.append(
                 {
@@ -68,7 +66,7 @@ def task_requests(pool: pl.DataFrame, *, per_seed: int, examples: int, run_seed:
                     "examples": [ids[j] for j in shown],
                     "template": template.id,
                     "messages": [{"role": "user", "content": template.render(tasks=[texts[j] for j in shown])}],
-                    "sampling_seed": _seed(run_seed, seed_id, "self-instruct", k),
+                    "sampling_seed": derived_seed(run_seed, seed_id, "self-instruct", k),
                 }
             )
     return requests
@@ -95,18 +93,11 @@ def text_problem(result: dict[str, Any], text: str, *, min_chars: int, max_chars
     return "too_long" if len(text) > max_chars else None
 
 
-def new_tasks(
-    pool: pl.DataFrame,
-    requests: list[dict[str, Any]],
-    results: list[dict[str, Any]],
-    *,
-    per_seed: int,
-    min_chars: int = 20,
-    max_chars: int = 1000,
-    max_similarity: float = 0.7,
-) -> StageResult:
-    """Stage ``self-instruct``: the pool fans out ``per_seed`` requests per row; each new task is
-    kept or dropped with its reason, in request order (so "kept before it" is well defined)."""
+def new_tasks(pool: pl.DataFrame, requests: list[dict[str, Any]], results: list[dict[str, Any]], cfg: SelfInstructConfig) -> StageResult:
+    """Stage ``self-instruct``: the pool fans out ``cfg.per_seed`` requests per row; each new task
+    is kept or dropped with its reason (``cfg.min_chars``, ``cfg.max_chars``,
+    ``cfg.max_similarity``), in request order (so "kept before it" is well defined)."""
+    per_seed, min_chars, max_chars, max_similarity = cfg.per_seed, cfg.min_chars, cfg.max_chars, cfg.max_similarity
     if len(requests) != len(results) or len(requests) != pool.height * per_seed:
         msg = f"self-instruct: {pool.height} seeds x {per_seed}, {len(requests)} requests, {len(results)} results"
         raise RuntimeError(msg)
@@ -138,8 +129,9 @@ def new_tasks(
     return StageResult.from_reasons("self-instruct", frame, reasons, details, rows_in=pool.height, fanout=per_seed)
 
 
-def solve_requests(tasks: pl.DataFrame, members: list[dict[str, float]], *, run_seed: int) -> list[list[dict[str, Any]]]:
-    """Per member, one request per task (the member's sampling settings go with its batch)."""
+def solve_requests(tasks: pl.DataFrame, cfg: SelfInstructConfig | DifficultyConfig, *, run_seed: int) -> list[list[dict[str, Any]]]:
+    """Per member of ``cfg.members``, one request per task (the member's sampling settings go
+    with its batch)."""
     template = load_template(*SOLVE)
     return [
         [
@@ -147,11 +139,11 @@ def solve_requests(tasks: pl.DataFrame, members: list[dict[str, float]], *, run_
                 "seed_id": row["seed_id"],
                 "template": template.id,
                 "messages": [{"role": "user", "content": template.render(question=row["question"])}],
-                "sampling_seed": _seed(run_seed, row["seed_id"], "agreement", m),
+                "sampling_seed": derived_seed(run_seed, row["seed_id"], "agreement", m),
             }
             for row in tasks.iter_rows(named=True)
         ]
-        for m in range(len(members))
+        for m in range(len(cfg.members))
     ]
 
 
@@ -171,8 +163,10 @@ def consensus(answers: list[str | None]) -> tuple[str | None, int]:
     return best[0], len(best)
 
 
-def agreement(tasks: pl.DataFrame, results_by_member: list[list[dict[str, Any]]], *, min_agreement: int) -> StageResult:
-    """Stage ``agreement``: keep a task when ``min_agreement`` members agree on its answer."""
+def agreement(tasks: pl.DataFrame, results_by_member: list[list[dict[str, Any]]], cfg: SelfInstructConfig | DifficultyConfig) -> StageResult:
+    """Stage ``agreement``: keep a task when ``cfg.min_agreement`` members agree on its answer
+    (the members are those of ``results_by_member``, one list of results per member)."""
+    min_agreement = cfg.min_agreement
     members = len(results_by_member)
     rows, reasons, details = [], [], []
     for i, row in enumerate(tasks.iter_rows(named=True)):

@@ -19,11 +19,17 @@ from schemas.recipe import GenerationConfig, sandboxed_environment
 _JINJA = sandboxed_environment(keep_trailing_newline=True)  # recipe templates are untrusted: Jinja2's sandbox
 
 
+def derived_seed(*parts: Any) -> int:
+    """A 31-bit seed from ``parts`` (the first 4 bytes of the sha256 of them joined by ``:``):
+    the same on every rerun, shard, worker and machine. Every request's sampling seed comes from
+    here, each stage naming its own parts (``run_seed, seed_id, "syllabus"``, ...)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
 def sampling_seed(run_seed: int, seed_id: str, sample_index: int) -> int:
     """A per-sample seed that depends only on the run seed, the problem and the sample index,
     so a sample is the same whichever shard, worker or retry produced it."""
-    digest = hashlib.sha256(f"{run_seed}:{seed_id}:{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+    return derived_seed(run_seed, seed_id, sample_index)
 
 
 def sample_id(seed_id: str, sample_index: int) -> str:

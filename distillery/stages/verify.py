@@ -34,6 +34,7 @@ import polars as pl
 
 from distillery.accounting import StageResult
 from distillery.stages.verify_worker import unbounded_match
+from schemas.recipe import VerifyConfig
 
 _HASH_ANSWER = re.compile(r"####\s*(.+)")
 _ANSWER_IS = re.compile(
@@ -488,23 +489,18 @@ def _clip(value: str | None, limit: int = 200) -> str:
     return value if len(value) <= limit else value[:limit] + f"... ({len(value):,} characters)"
 
 
-def verify_samples(
-    samples: pl.DataFrame,
-    *,
-    keep: str = "correct",
-    fallback_last_number: bool = False,
-    timeout_s: float = VERIFY_TIMEOUT_S,
-    bounded: bool = True,
-) -> StageResult:
-    """Add ``predicted_answer``, ``answer_source`` and ``correct``; drop per the keep policy.
+def verify_samples(samples: pl.DataFrame, cfg: VerifyConfig, *, bounded: bool = True) -> StageResult:
+    """Add ``predicted_answer``, ``answer_source`` and ``correct``; drop per ``cfg.keep``.
 
-    keep: ``"correct"`` drops wrong and unanswered samples (rejection sampling),
+    ``cfg.keep``: ``"correct"`` drops wrong and unanswered samples (rejection sampling),
     ``"answered"`` drops only samples with no final answer, ``"all"`` drops nothing.
     Samples without a reference are never dropped as incorrect: ``correct`` is null there.
-    A wrong answer that could not be compared (too complex, or no result within ``timeout_s``)
+    A wrong answer that could not be compared (too complex, or no result within ``cfg.timeout_s``)
     is dropped as ``answer_too_complex`` or ``verify_timeout`` rather than ``incorrect``.
+    ``cfg.fallback_last_number``: the last number counts as the answer when no rule finds one.
     ``bounded=False``: the old, unbounded comparison (benchmarks only; see :func:`match_statuses`).
     """
+    keep, fallback_last_number, timeout_s = cfg.keep, cfg.fallback_last_number, cfg.timeout_s
     extracted = [extract_answer(c or "", fallback_last_number=fallback_last_number) for c in samples["completion"]]
     references = samples["reference_answer"].to_list()
     judged = judge_many(list(zip(extracted, references, strict=True)), timeout_s=timeout_s, bounded=bounded)

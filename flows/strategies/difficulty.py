@@ -35,7 +35,7 @@ class Difficulty(Strategy):
         probed = probe(seeds, seen.frame())
         requests = variant_requests(probed.kept, run_seed=seed)
         results = in_shards(generator, requests, SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens), size) if requests else []
-        targeted = retarget(probed.kept, requests, results, max_chars=cfg.max_chars, max_similarity=cfg.max_similarity)
+        targeted = retarget(probed.kept, requests, results, cfg)
         logger.info("retarget: %d problems probed, %d variants kept, dropped %s", seeds.height, targeted.kept.height - seeds.height, targeted.count.dropped or "none")
         originals = targeted.kept.filter(pl.col("variant_of").is_null())
         variants = targeted.kept.filter(pl.col("variant_of").is_not_null())
@@ -45,7 +45,7 @@ class Difficulty(Strategy):
         return Made({"probe": probed, "retarget": targeted, "agreement": StageResult("agreement", kept, agreed.rejects, count)}, kept)
 
     def label(self, samples: pl.DataFrame, verdicts: pl.DataFrame, recipe: Recipe) -> pl.DataFrame:
-        return label(samples, easy_at=recipe.difficulty.easy_at, hard_at=recipe.difficulty.hard_at, verdicts=verdicts)
+        return label(samples, recipe.difficulty, verdicts=verdicts)
 
     def lineage(self, recipe: Recipe) -> dict:
         """The difficulty settings and the rewrite and solve templates, by name and version."""

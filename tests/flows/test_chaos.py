@@ -22,7 +22,7 @@ import pytest
 from distillery.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_prefect")]  # the runs report to one prefect server
 # 6 problems x 2 samples in 3 shards of 2 problems; keep every sample so the comparison has rows
 SETS = [
     "seeds.builtin.count=6",

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import DATA
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_prefect")]  # the runs report to one prefect server
 
 
 def _clean_rows(n, offset=0):

@@ -54,8 +54,7 @@ def test_difficulty_recipe_end_to_end(scripted, tmp_path):
     scripted.plant(rewrites[ids[4]], f"Simpler problem: {simpler_text}", rewrite)
     variants = pl.DataFrame({"seed_id": [f"{ids[0]}.harder", f"{ids[4]}.simpler"], "question": [harder_text, simpler_text]})
     member_answers = [["The answer is 99", "The answer is 1"], ["The answer is 99", "The answer is 2"], ["The answer is 7", "I do not know"]]
-    members = [m.model_dump() for m in cfg.members]
-    for member, requests, texts in zip(cfg.members, solve_requests(variants, members, run_seed=seed), member_answers, strict=True):
+    for member, requests, texts in zip(cfg.members, solve_requests(variants, cfg, run_seed=seed), member_answers, strict=True):
         for request, text in zip(requests, texts, strict=True):
             scripted.plant(request, text, SamplingSettings(member.temperature, member.top_p, cfg.solve_max_tokens))
     harder = variants[:1]

@@ -37,15 +37,15 @@ def test_evol_instruct_recipe_end_to_end(scripted, tmp_path):
     recipe = load_recipe(ROOT / RECIPE, overrides=SETS)
     seeds = ingest_seeds(recipe.seeds).kept
     a, b, c, d, e = seeds["seed_id"].to_list()
-    ops, rewrite = tuple(recipe.evolve.operations), SamplingSettings(recipe.evolve.temperature, recipe.evolve.top_p, recipe.evolve.max_tokens)
-    first = {r["seed_id"]: r for r in evolution_requests(seeds, round_no=1, run_seed=recipe.generation.seed, operations=ops)}
+    rewrite = SamplingSettings(recipe.evolve.temperature, recipe.evolve.top_p, recipe.evolve.max_tokens)
+    first = {r["seed_id"]: r for r in evolution_requests(seeds, recipe.evolve, round_no=1, run_seed=recipe.generation.seed)}
     scripted.plant(first[a], f"#Rewritten Prompt#: {GOOD}", rewrite)
     scripted.plant(first[b], "Here is the rewritten prompt: the given prompt with one more constraint.", rewrite)
     scripted.plant(first[c], "I'm sorry, but I cannot rewrite this problem.", rewrite)
     scripted.plant(first[d], seeds["question"][3], rewrite)
     scripted.plant(first[e], "How many apples? " * (recipe.evolve.max_chars // 10), rewrite)
     child = pl.DataFrame({"seed_id": [f"{a}.e1"], "question": [GOOD]})
-    (second,) = evolution_requests(child, round_no=2, run_seed=recipe.generation.seed, operations=ops)
+    (second,) = evolution_requests(child, recipe.evolve, round_no=2, run_seed=recipe.generation.seed)
     scripted.plant(second, HARDER, rewrite)
     problem = pl.DataFrame({"seed_id": [f"{a}.e1.e2"], "question": [HARDER]})
     for request, text in zip(build_requests(problem, recipe.generation), SOLUTIONS, strict=True):
@@ -89,7 +89,7 @@ def test_evol_instruct_recipe_end_to_end(scripted, tmp_path):
 
     # lineage: the templates by version; the data card's counts per round
     templates = manifest["generator"]["evolve"]["prompt_templates"]
-    assert templates == {op: load_template("evol_instruct", op).id for op in ops}
+    assert templates == {op: load_template("evol_instruct", op).id for op in recipe.evolve.operations}
     per_round = manifest["stats"]["evolve"]["rounds"]
     assert per_round["1"] == {"instructions": 5, "kept": 1, "eliminated": dict(sorted(round1["dropped"].items())), "kept_by_operation": {first[a]["operation"]: 1}}
     assert per_round["2"]["instructions"] == 1 and per_round["2"]["kept_by_operation"] == {second["operation"]: 1}

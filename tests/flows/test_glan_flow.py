@@ -54,13 +54,13 @@ def test_glan_recipe_end_to_end(scripted, tmp_path):
 
     subjects = ingest_taxonomy(str(ROOT / cfg.taxonomy)).kept
     first, second, third, fourth = subjects["seed_id"].to_list()
-    syllabi = syllabus_requests(subjects, sessions=cfg.sessions, run_seed=seed)
+    syllabi = syllabus_requests(subjects, cfg, run_seed=seed)
     outline = SamplingSettings(cfg.temperature, cfg.top_p, cfg.syllabus_max_tokens)
     for request, answer in zip(syllabi, SYLLABI, strict=True):
         scripted.plant(request, answer, outline)
-    planned = syllabus(subjects, syllabi, [a if isinstance(a, dict) else {"completion": a} for a in SYLLABI], sessions=cfg.sessions)
+    planned = syllabus(subjects, syllabi, [a if isinstance(a, dict) else {"completion": a} for a in SYLLABI], cfg)
     ask = SamplingSettings(cfg.temperature, cfg.top_p, cfg.question_max_tokens)
-    asked = {r["seed_id"]: r for r in question_requests(planned.kept, per_session=cfg.per_session, run_seed=seed)}
+    asked = {r["seed_id"]: r for r in question_requests(planned.kept, cfg, run_seed=seed)}
     assert list(asked) == [f"{first}/s0", f"{first}/s1", f"{second}/s0", f"{fourth}/s0", f"{fourth}/s1"]
     for session, answer in zip(asked, [f"Problem: {TEAMS}", TEAMS, HALVES, "Hi", SPEED], strict=True):
         scripted.plant(asked[session], answer, ask)

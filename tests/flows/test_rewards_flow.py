@@ -49,12 +49,14 @@ def _version(uri: str) -> tuple[dict, pl.DataFrame, pl.DataFrame]:
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory):
+def loop(tmp_path_factory, prefect_server):
     tmp = tmp_path_factory.mktemp("rewards")
     store = tmp / "store"
-    data_uri = _run(tmp, store, "name=rm-data", "score.method=none", "select.policy=all", "select.pairs.enabled=false", "seeds.builtin.count=12")
-    rm_uri = _cli(tmp, "train-reward-model", data_uri, "--name", "rm-onestep", "--store", str(store))
-    sft_uri = _run(tmp, store, f"score.reward_model={rm_uri}", "seeds.builtin.count=8", "seeds.builtin.seed=1")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PREFECT_API_URL", prefect_server)  # the three runs report to the session's prefect server
+        data_uri = _run(tmp, store, "name=rm-data", "score.method=none", "select.policy=all", "select.pairs.enabled=false", "seeds.builtin.count=12")
+        rm_uri = _cli(tmp, "train-reward-model", data_uri, "--name", "rm-onestep", "--store", str(store))
+        sft_uri = _run(tmp, store, f"score.reward_model={rm_uri}", "seeds.builtin.count=8", "seeds.builtin.seed=1")
     return {"data": _version(data_uri), "rm": Store(str(store)).manifest("rm-onestep"), "rm_uri": rm_uri, "sft": _version(sft_uri), "sft_uri": sft_uri}
 
 

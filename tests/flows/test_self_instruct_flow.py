@@ -43,7 +43,7 @@ def test_self_instruct_recipe_end_to_end(scripted, tmp_path):
     cfg, run_seed = recipe.self_instruct, recipe.generation.seed
     seeds = ingest_seeds(recipe.seeds).kept
     a, b, c, d = seeds["seed_id"].to_list()
-    requests = task_requests(seeds, per_seed=cfg.per_seed, examples=cfg.examples, run_seed=run_seed)
+    requests = task_requests(seeds, cfg, run_seed=run_seed)
     by_id = {(r["seed_id"], r["task_index"]): r for r in requests}
     new = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens)
     scripted.plant(by_id[(a, 0)], f"Problem 4: {FRESH}\n\nProblem 5: something else", new)
@@ -61,8 +61,7 @@ def test_self_instruct_recipe_end_to_end(scripted, tmp_path):
         ["Eight bags. The answer is 8", "The answer is 170", "I cannot tell the colour."],
         ["The answer is 8.0", "The answer is 160", "The answer is red"],
     ]
-    members = [m.model_dump() for m in cfg.members]
-    for member, member_requests, texts in zip(cfg.members, solve_requests(kept, members, run_seed=run_seed), answers, strict=True):
+    for member, member_requests, texts in zip(cfg.members, solve_requests(kept, cfg, run_seed=run_seed), answers, strict=True):
         for request, text in zip(member_requests, texts, strict=True):
             scripted.plant(request, text, SamplingSettings(member.temperature, member.top_p, cfg.solve_max_tokens))
     fresh = pl.DataFrame({"seed_id": [f"{a}.si0"], "question": [FRESH]})

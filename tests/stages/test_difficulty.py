@@ -6,6 +6,7 @@ import polars as pl
 
 from distillery.prompts import load_template
 from distillery.stages.difficulty import direction, label, probe, retarget, variant_requests
+from schemas.recipe import DifficultyConfig
 
 PROBLEMS = pl.DataFrame(
     {
@@ -53,7 +54,7 @@ def test_retarget_keeps_originals_and_good_variants():
         _r("What is 9 + 1?"),  # no change
         _r(None, error="EngineDeadError: x"),
     ]
-    out = retarget(probed, requests, results)
+    out = retarget(probed, requests, results, DifficultyConfig())
     assert out.count.as_dict() == {"stage": "retarget", "rows_in": 5, "rows_out": 7, "fanout": 2, "dropped": {"generation_error": 1, "no_change": 1, "not_targeted": 1}}
     variants = out.kept.filter(pl.col("variant_of").is_not_null())
     assert variants["seed_id"].to_list() == ["p0.harder", "p1.simpler"]
@@ -65,6 +66,6 @@ def test_retarget_keeps_originals_and_good_variants():
 
 def test_labels():
     samples = pl.DataFrame({"seed_id": ["a", "a", "b", "b", "c", "c", "d"], "correct": [True, True, True, False, False, False, None]})
-    out = label(samples, easy_at=0.8, hard_at=0.2)
+    out = label(samples, DifficultyConfig(easy_at=0.8, hard_at=0.2))
     assert out["difficulty"].to_list() == ["easy", "easy", "medium", "medium", "hard", "hard", None]
     assert out["pass_rate"].to_list()[:6] == [1.0, 1.0, 0.5, 0.5, 0.0, 0.0]

@@ -15,6 +15,7 @@ from distillery.stages.evolve import (
     load_template,
     pick_operation,
 )
+from schemas.recipe import EvolveConfig
 
 SEEDS = pl.DataFrame(
     {
@@ -54,10 +55,13 @@ def test_operations_are_seeded_and_all_used():
     assert set(picks) == set(OPERATIONS)
     assert picks == [pick_operation(0, f"q{i}", 1) for i in range(200)]  # a rerun picks the same
     assert picks != [pick_operation(0, f"q{i}", 2) for i in range(200)]  # the next round picks anew
-    requests = evolution_requests(SEEDS, round_no=1, run_seed=0)
+    requests = evolution_requests(SEEDS, EvolveConfig(), round_no=1, run_seed=0)
     assert [r["seed_id"] for r in requests] == SEEDS["seed_id"].to_list()
     assert all(r["template"] == load_template("evol_instruct", r["operation"]).id for r in requests)
     assert len({r["sampling_seed"] for r in requests}) == len(requests)
+    assert [r["operation"] for r in requests] == [pick_operation(0, f"q{i}", 1) for i in range(7)]  # the default: all operations
+    only = evolution_requests(SEEDS, EvolveConfig(operations=["deepen", "breadth"]), round_no=1, run_seed=0)
+    assert [r["operation"] for r in only] == [pick_operation(0, f"q{i}", 1, ("deepen", "breadth")) for i in range(7)]
 
 
 def test_clean_and_eliminate():
@@ -74,7 +78,7 @@ def test_clean_and_eliminate():
 
 
 def test_a_round_keeps_good_evolutions_with_their_chain_and_rejects_the_planted_failures():
-    requests = evolution_requests(SEEDS, round_no=1, run_seed=0)
+    requests = evolution_requests(SEEDS, EvolveConfig(), round_no=1, run_seed=0)
     results = [
         _result("#Rewritten Prompt#: Tom has 3 apples and buys 4 more bags of 6 apples each. How many apples does he have?"),
         _result("A train travels 60 km in 1 hour. How far does it travel in 3 hours?"),  # no change
@@ -84,7 +88,7 @@ def test_a_round_keeps_good_evolutions_with_their_chain_and_rejects_the_planted_
         _result(None, error="EngineDeadError: engine core died"),
         _result("A pond has 9 ducks; 4 leave and twice as many arrive. How many ducks are there now?"),
     ]
-    out = evolve_round(SEEDS, requests, results, round_no=1, max_chars=400)
+    out = evolve_round(SEEDS, requests, results, EvolveConfig(max_chars=400), round_no=1)
     assert out.count.as_dict() == {
         "stage": "evolve-1",
         "rows_in": 7,
@@ -103,8 +107,8 @@ def test_a_round_keeps_good_evolutions_with_their_chain_and_rejects_the_planted_
     assert "EngineDeadError" in error["detail"][0] and json.loads(error["record"][0])["parent_id"] == "q5"
 
     # round 2 evolves the survivors: the chain grows, the root stays
-    requests2 = evolution_requests(out.kept, round_no=2, run_seed=0)
-    second = evolve_round(out.kept, requests2, [_result("Tom has 3 apples and buys 4 more bags of 6 apples each, then eats 5. How many apples are left?"), _result("")], round_no=2)
+    requests2 = evolution_requests(out.kept, EvolveConfig(), round_no=2, run_seed=0)
+    second = evolve_round(out.kept, requests2, [_result("Tom has 3 apples and buys 4 more bags of 6 apples each, then eats 5. How many apples are left?"), _result("")], EvolveConfig(), round_no=2)
     assert second.kept["seed_id"].to_list() == ["q0.e1.e2"] and second.count.dropped == {"empty": 1}
     assert second.kept["root_id"].to_list() == ["q0"] and second.kept["parent_id"].to_list() == ["q0.e1"]
     assert [step["round"] for step in second.kept["evol_chain"][0].to_list()] == [1, 2]

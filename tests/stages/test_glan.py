@@ -17,6 +17,7 @@ from distillery.stages.glan import (
     syllabus,
     syllabus_requests,
 )
+from schemas.recipe import GlanConfig
 
 TAXONOMY = b"""
 field: Mathematics
@@ -51,11 +52,11 @@ def test_taxonomy_rows_and_errors_that_name_the_node():
 def test_syllabus_keeps_listed_sessions_and_drops_the_rest_with_a_reason():
     assert parse_syllabus("Syllabus:\n1. Halves and quarters\n2) Adding fractions\n- Adding fractions\n* Review", 3) == ["Halves and quarters", "Adding fractions", "Review"]
     subjects = ingest_taxonomy("tax.yaml", TAXONOMY).kept
-    requests = syllabus_requests(subjects, sessions=3, run_seed=0)
+    requests = syllabus_requests(subjects, GlanConfig(sessions=3), run_seed=0)
     assert "adding fractions, comparing fractions" in requests[0]["messages"][0]["content"]
     assert requests[0]["template"] == load_template("glan", "syllabus").id
     results = [_r("1. Halves\n2. Adding fractions\n3. Comparing fractions\n4. Extra"), _r("1. Percent basics"), _r(None, error="EngineDeadError: x")]
-    out = syllabus(subjects, requests, results, sessions=3)
+    out = syllabus(subjects, requests, results, GlanConfig(sessions=3))
     assert out.count.as_dict() == {"stage": "syllabus", "rows_in": 3, "rows_out": 4, "fanout": 3, "dropped": {"generation_error": 3, "short_syllabus": 2}}
     assert out.kept["session"].to_list() == ["Halves", "Adding fractions", "Comparing fractions", "Percent basics"]
     short = out.rejects.filter(pl.col("reason") == "short_syllabus")
@@ -64,12 +65,13 @@ def test_syllabus_keeps_listed_sessions_and_drops_the_rest_with_a_reason():
 
 def test_questions_and_coverage():
     subjects = ingest_taxonomy("tax.yaml", TAXONOMY).kept
-    sessions = syllabus(subjects, syllabus_requests(subjects, sessions=1, run_seed=0), [_r("1. Halves"), _r("1. Percent basics"), _r("")], sessions=1)
-    requests = question_requests(sessions.kept, per_session=2, run_seed=0)
+    cfg = GlanConfig(sessions=1, per_session=2)
+    sessions = syllabus(subjects, syllabus_requests(subjects, cfg, run_seed=0), [_r("1. Halves"), _r("1. Percent basics"), _r("")], cfg)
+    requests = question_requests(sessions.kept, cfg, run_seed=0)
     assert len(requests) == 4 and "Halves" in requests[0]["messages"][0]["content"]
     problem = "Mia cuts a pizza into 8 slices and eats half of them. How many slices does she eat?"
     results = [_r(f"Problem: {problem}"), _r(problem), _r("A shirt costs 40 dollars and is 25% off. What is the price now?"), _r("ok")]
-    out = questions(sessions.kept, requests, results, per_session=2)
+    out = questions(sessions.kept, requests, results, cfg)
     assert out.count.as_dict() == {"stage": "questions", "rows_in": 2, "rows_out": 2, "fanout": 2, "dropped": {"duplicate": 1, "too_short": 1}}
     dup = out.rejects.filter(pl.col("reason") == "duplicate")
     assert dup["detail"][0] == f"the same as {out.kept['seed_id'][0]}"

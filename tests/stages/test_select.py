@@ -4,6 +4,7 @@ import polars as pl
 import pytest
 
 from distillery.stages.select import majority_vote, pass_rates, pair_stage, preference_pairs, select_samples
+from schemas.recipe import PairsConfig, SelectConfig
 
 
 def _frame(problems: dict[str, list[tuple]]) -> pl.DataFrame:
@@ -136,7 +137,7 @@ def _kept_problems(result) -> list[str]:
 
 def test_drop_all_solved():
     rows = _frame(DIFFICULTY)
-    result = select_samples(rows, policy="all", difficulty="drop_all_solved")
+    result = select_samples(rows, SelectConfig(policy="all", difficulty="drop_all_solved"))
     assert _kept_problems(result) == ["mid", "hard", "most"]
     assert result.count.dropped == {"too_easy": 4}
     assert set(result.rejects["seed_id"]) == {"easy"}
@@ -146,7 +147,7 @@ def test_drop_all_solved():
 
 
 def test_drop_all_failed():
-    result = select_samples(_frame(DIFFICULTY), policy="all", difficulty="drop_all_failed")
+    result = select_samples(_frame(DIFFICULTY), SelectConfig(policy="all", difficulty="drop_all_failed"))
     assert _kept_problems(result) == ["easy", "mid", "most"]
     assert result.count.dropped == {"too_hard": 4}
     assert set(result.rejects["detail"]) == {"pass rate 0.00 (0/4)"}
@@ -155,13 +156,13 @@ def test_drop_all_failed():
 
 def test_drop_all_failed_says_when_labels_are_missing():
     rows = _frame({"noref": [("1", None, None), ("1", None, None)]})
-    result = select_samples(rows, policy="all", difficulty="drop_all_failed")
+    result = select_samples(rows, SelectConfig(policy="all", difficulty="drop_all_failed"))
     assert result.kept.height == 0
     assert result.rejects["detail"].to_list() == ["pass rate 0.00 (0/2, 2 unlabeled)"] * 2
 
 
 def test_band_keeps_problems_inside_and_names_the_side():
-    result = select_samples(_frame(DIFFICULTY), policy="all", difficulty="band", band=(0.25, 0.75))
+    result = select_samples(_frame(DIFFICULTY), SelectConfig(policy="all", difficulty="band", band=(0.25, 0.75)))
     assert _kept_problems(result) == ["mid", "most"]  # 0.75 is on the edge: kept
     assert result.count.dropped == {"too_easy": 4, "too_hard": 4}
     details = dict(zip(result.rejects["seed_id"], result.rejects["detail"], strict=False))
@@ -175,7 +176,7 @@ def test_band_keeps_problems_inside_and_names_the_side():
 
 
 def test_difficulty_any_keeps_every_problem():
-    result = select_samples(_frame(DIFFICULTY), policy="all")
+    result = select_samples(_frame(DIFFICULTY), SelectConfig(policy="all"))
     assert result.kept.equals(_frame(DIFFICULTY))
     assert result.count.dropped == {} and result.rejects.height == 0
 
@@ -190,7 +191,7 @@ POLICY = {
 
 
 def test_threshold_policy():
-    result = select_samples(_frame(POLICY), policy="threshold", min_reward=0.5)
+    result = select_samples(_frame(POLICY), SelectConfig(policy="threshold", min_reward=0.5))
     assert result.kept["sample_id"].to_list() == ["x-s0", "x-s2", "y-s1", "y-s2"]  # 0.50 >= 0.50 is kept
     assert _by_id(result.rejects, "reason") == {"x-s1": "below_threshold", "x-s3": "no_reward", "y-s0": "below_threshold"}
     assert _by_id(result.rejects, "detail") == {
@@ -203,26 +204,30 @@ def test_threshold_policy():
 
 
 def test_threshold_needs_min_reward():
+    # the stage checks its options itself, also in a config built without validation
     with pytest.raises(ValueError, match="min_reward"):
-        select_samples(_frame(POLICY), policy="threshold")
+        select_samples(_frame(POLICY), SelectConfig.model_construct(policy="threshold"))
+    with pytest.raises(ValueError, match="min_reward"):
+        SelectConfig(policy="threshold")
 
 
 def test_bad_options_are_named():
     rows = _frame(POLICY)
+    # model_construct: configs that skip pydantic's checks, so the stage's own ones are tested
     with pytest.raises(ValueError, match="policy='best'"):
-        select_samples(rows, policy="best")
+        select_samples(rows, SelectConfig.model_construct(policy="best"))
     with pytest.raises(ValueError, match="difficulty='easy'"):
-        select_samples(rows, policy="all", difficulty="easy")
+        select_samples(rows, SelectConfig.model_construct(policy="all", difficulty="easy"))
     with pytest.raises(ValueError, match="k=0"):
-        select_samples(rows, policy="top_k", k=0)
+        select_samples(rows, SelectConfig.model_construct(policy="top_k", k=0))
     with pytest.raises(ValueError, match="band="):
-        select_samples(rows, policy="all", difficulty="band", band=(0.8, 0.2))
+        select_samples(rows, SelectConfig.model_construct(policy="all", difficulty="band", band=(0.8, 0.2)))
     with pytest.raises(ValueError, match="label='judge'"):
-        select_samples(rows, policy="best_of_n", label="judge")
+        select_samples(rows, SelectConfig(policy="best_of_n"), "judge")
 
 
 def test_best_of_n_prefers_label_then_reward_then_earliest():
-    result = select_samples(_frame(POLICY), policy="best_of_n")
+    result = select_samples(_frame(POLICY), SelectConfig(policy="best_of_n"))
     # x: the correct sample with the higher reward beats the incorrect one with 0.95;
     # y: two at 0.50, the earlier wins.
     assert result.kept["sample_id"].to_list() == ["x-s2", "y-s1"]
@@ -239,12 +244,15 @@ def test_best_of_n_prefers_label_then_reward_then_earliest():
 
 def test_best_of_n_by_another_label():
     rows = _frame(POLICY).with_columns(pseudo_correct=pl.Series([True, False, False, False, True, True, True]))
-    result = select_samples(rows, policy="best_of_n", label="pseudo_correct")
+    result = select_samples(rows, SelectConfig(policy="best_of_n"), "pseudo_correct")
     assert result.kept["sample_id"].to_list() == ["x-s0", "y-s1"]
+    # without a label argument, the config's own label (``auto`` is ``correct``)
+    assert select_samples(rows, SelectConfig(policy="best_of_n", label="pseudo_correct")).kept["sample_id"].to_list() == ["x-s0", "y-s1"]
+    assert select_samples(rows, SelectConfig(policy="best_of_n")).kept["sample_id"].to_list() == ["x-s2", "y-s1"]
 
 
 def test_top_k():
-    result = select_samples(_frame(POLICY), policy="top_k", k=2)
+    result = select_samples(_frame(POLICY), SelectConfig(policy="top_k", k=2))
     assert result.kept["sample_id"].to_list() == ["x-s1", "x-s2", "y-s1", "y-s2"]  # input order
     assert _by_id(result.rejects, "reason") == {"x-s0": "not_top_k", "x-s3": "not_top_k", "y-s0": "not_top_k"}
     assert _by_id(result.rejects, "detail") == {
@@ -256,14 +264,14 @@ def test_top_k():
 
 
 def test_difficulty_runs_before_the_policy():
-    result = select_samples(_frame(DIFFICULTY), policy="best_of_n", difficulty="band", band=(0.25, 0.75))
+    result = select_samples(_frame(DIFFICULTY), SelectConfig(policy="best_of_n", difficulty="band", band=(0.25, 0.75)))
     assert result.kept["sample_id"].to_list() == ["mid-s0", "most-s0"]
     assert result.count.dropped == {"too_easy": 4, "too_hard": 4, "not_best": 6}
     _check_counts(result, 16)
 
 
 def test_empty_input():
-    result = select_samples(_frame({}), policy="best_of_n")
+    result = select_samples(_frame({}), SelectConfig(policy="best_of_n"))
     assert result.kept.height == 0 and result.count.rows_in == 0 and result.count.dropped == {}
 
 
@@ -324,7 +332,7 @@ def test_no_pair_when_all_samples_agree():
             "split": [("1", True, None), ("2", False, None)],
         }
     )
-    stage = pair_stage(rows)
+    stage = pair_stage(rows, PairsConfig())
     assert stage.kept["seed_id"].to_list() == ["split"]
     # problems in, pairs out, and a reject per problem without a pair, with why
     assert (stage.count.rows_in, stage.count.rows_out) == (3, 1)
@@ -332,10 +340,10 @@ def test_no_pair_when_all_samples_agree():
     assert dict(zip(stage.rejects["seed_id"], stage.rejects["reason"], strict=True)) == {"same": "no_reward_gap", "nolabel": "one_label"}
     assert "2 samples: 2 correct, 0 not" in stage.rejects.filter(pl.col("seed_id") == "same")["detail"][0]
     # two slots per problem: the unfilled ones are counted, and the counts still add up
-    wide = pair_stage(rows, max_pairs_per_problem=2)
+    wide = pair_stage(rows, PairsConfig(max_pairs_per_problem=2))
     assert wide.count.fanout == 2 and wide.count.rows_out == 1
     assert wide.count.dropped == {"no_reward_gap": 1, "one_label": 1, "fewer_pairs": 3}
-    empty = pair_stage(_frame({"same": [("1", True, 0.5), ("1", True, 0.5)]}))
+    empty = pair_stage(_frame({"same": [("1", True, 0.5), ("1", True, 0.5)]}), PairsConfig())
     assert empty.kept.height == 0 and empty.kept.columns[0] == "pair_id" and empty.count.rows_in == 1
 
 

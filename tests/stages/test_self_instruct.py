@@ -8,6 +8,7 @@ import polars as pl
 
 from distillery.prompts import load_template
 from distillery.stages.self_instruct import agreement, consensus, new_tasks, parse_task, rouge_l, solve_requests, task_requests
+from schemas.recipe import SamplingMember, SelfInstructConfig
 
 POOL = pl.DataFrame(
     {
@@ -29,10 +30,11 @@ def _r(text, error=None):
 
 
 def test_requests_show_the_seed_first_and_are_seeded():
-    requests = task_requests(POOL, per_seed=2, examples=3, run_seed=0)
+    cfg = SelfInstructConfig(per_seed=2, examples=3)
+    requests = task_requests(POOL, cfg, run_seed=0)
     assert len(requests) == 8 and [r["seed_id"] for r in requests[:2]] == ["p0", "p0"]
     assert all(r["examples"][0] == r["seed_id"] and len(set(r["examples"])) == 3 for r in requests)
-    assert requests == task_requests(POOL, per_seed=2, examples=3, run_seed=0)
+    assert requests == task_requests(POOL, cfg, run_seed=0)
     assert len({r["sampling_seed"] for r in requests}) == 8
     content = requests[0]["messages"][0]["content"]
     assert POOL["question"][0] in content and "Problem 4:" in content
@@ -46,7 +48,8 @@ def test_parse_and_rouge():
 
 
 def test_new_tasks_drop_near_copies_of_the_pool_and_of_each_other():
-    requests = task_requests(POOL, per_seed=2, examples=2, run_seed=0)
+    cfg = SelfInstructConfig(per_seed=2, examples=2, max_chars=500)
+    requests = task_requests(POOL, cfg, run_seed=0)
     fresh = "A baker makes 24 muffins and sells them in bags of 3. How many bags does the baker fill?"
     results = [
         _r(f"Problem 3: {fresh}"),  # kept
@@ -58,7 +61,7 @@ def test_new_tasks_drop_near_copies_of_the_pool_and_of_each_other():
         _r("Lena plants 5 rows of 7 tulips and 3 rows of 4 roses. How many flowers does she plant?"),  # kept
         _r("x" * 2000),  # too long
     ]
-    out = new_tasks(POOL, requests, results, per_seed=2, max_chars=500)
+    out = new_tasks(POOL, requests, results, cfg)
     assert out.count.as_dict() == {
         "stage": "self-instruct", "rows_in": 4, "rows_out": 2, "fanout": 2,
         "dropped": {"empty": 1, "generation_error": 1, "too_long": 1, "too_short": 1, "too_similar": 2},
@@ -73,13 +76,14 @@ def test_new_tasks_drop_near_copies_of_the_pool_and_of_each_other():
 
 def test_agreement_keeps_tasks_the_members_agree_on_and_sets_their_answer():
     tasks = pl.DataFrame({"seed_id": ["t0", "t1", "t2"], "question": ["q0", "q1", "q2"], "reference_answer": [None, None, None]}, schema_overrides={"reference_answer": pl.Utf8})
-    assert len(solve_requests(tasks, [{"temperature": 0.2}, {"temperature": 0.8}, {"temperature": 1.0}], run_seed=0)) == 3
+    cfg = SelfInstructConfig(members=[SamplingMember(temperature=t) for t in (0.2, 0.8, 1.0)], min_agreement=2)
+    assert len(solve_requests(tasks, cfg, run_seed=0)) == 3
     members = [
         [_r("so 8 bags. The answer is 8"), _r("The answer is 5"), _r("no idea")],
         [_r("The answer is 8.0"), _r("The answer is 6"), _r("hmm")],
         [_r("#### 7"), _r("The answer is 7"), _r("The answer is N")],  # "N": the template echoed, no answer
     ]
-    out = agreement(tasks, members, min_agreement=2)
+    out = agreement(tasks, members, cfg)
     assert out.count.dropped == {"no_agreement": 1, "no_answer": 1}
     assert out.kept["seed_id"].to_list() == ["t0"] and out.kept["reference_answer"].to_list() == ["8"]
     assert out.kept["member_agreement"].to_list() == [round(2 / 3, 4)]

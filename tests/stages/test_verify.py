@@ -17,6 +17,7 @@ from distillery.stages.verify import (
     too_complex,
     verify_samples,
 )
+from schemas.recipe import VerifyConfig
 
 
 @pytest.mark.parametrize(
@@ -95,16 +96,23 @@ def test_verify_samples_accounts_for_every_row():
             "reference_answer": ["72", "72", "5", None],
         }
     )
-    result = verify_samples(samples, keep="correct")
+    result = verify_samples(samples, VerifyConfig(keep="correct"))
     assert result.kept["sample_id"].to_list() == ["a", "d"]
     assert result.kept.filter(pl.col("sample_id") == "d")["correct"].to_list() == [None]
     assert result.count.dropped == {"incorrect": 1, "no_final_answer": 1}
     assert sorted(result.rejects["reason"].to_list()) == ["incorrect", "no_final_answer"]
     assert result.count.rows_in == 4 and result.count.rows_out == 2
 
-    kept_all = verify_samples(samples, keep="all")
+    kept_all = verify_samples(samples, VerifyConfig(keep="all"))
     assert kept_all.kept.height == 4
     assert kept_all.kept["correct"].to_list() == [True, False, False, None]
+
+
+def test_verify_samples_reads_fallback_last_number_from_the_config():
+    samples = pl.DataFrame({"sample_id": ["a"], "seed_id": ["s"], "completion": ["4 + 1 makes 5"], "reference_answer": ["5"]})
+    assert verify_samples(samples, VerifyConfig()).count.dropped == {"no_final_answer": 1}
+    fallback = verify_samples(samples, VerifyConfig(fallback_last_number=True))
+    assert fallback.kept["correct"].to_list() == [True] and fallback.kept["answer_source"].to_list() == ["last_number"]
 
 
 # --- answers that would stall math-verify: judged wrong within a bound, with their own reason ---
@@ -141,7 +149,7 @@ def _rows(answers: list[str], reference: str = "5") -> pl.DataFrame:
 @pytest.mark.parametrize(("answer", "reason"), _PATHOLOGICAL, ids=lambda v: v[:24] if isinstance(v, str) else None)
 def test_a_pathological_answer_is_judged_wrong_quickly_with_its_reason(answer, reason):
     started = time.monotonic()
-    result = verify_samples(_rows([answer]), keep="correct", timeout_s=1.0)
+    result = verify_samples(_rows([answer]), VerifyConfig(keep="correct", timeout_s=1.0))
     assert time.monotonic() - started < 5
     assert result.count.as_dict() == {
         "stage": "verify",
@@ -161,7 +169,7 @@ def test_pathological_answers_together_from_a_thread_keep_every_row():
     pool): math-verify's own signal-based timeouts cannot work there; this bound does."""
     answers = [a for a, _ in _PATHOLOGICAL]
     out: dict = {}
-    worker = threading.Thread(target=lambda: out.setdefault("result", verify_samples(_rows(answers), timeout_s=1.0)))
+    worker = threading.Thread(target=lambda: out.setdefault("result", verify_samples(_rows(answers), VerifyConfig(timeout_s=1.0))))
     started = time.monotonic()
     worker.start()
     worker.join(timeout=30)
@@ -177,7 +185,7 @@ def test_pathological_answers_together_from_a_thread_keep_every_row():
 
 
 def test_keep_all_keeps_pathological_answers_as_wrong():
-    result = verify_samples(_rows(["9^{9^{9^{9}}}", _NESTED]), keep="all", timeout_s=1.0)
+    result = verify_samples(_rows(["9^{9^{9^{9}}}", _NESTED]), VerifyConfig(keep="all", timeout_s=1.0))
     assert result.count.dropped == {} and result.kept.height == 5
     assert result.kept["correct"].to_list() == [False, False, True, True, False]
 
@@ -186,7 +194,7 @@ def test_threads_verify_at_the_same_time():
     results: list = [None] * 3
 
     def run(k):
-        results[k] = verify_samples(_rows(["(x+1)^{1000}", "\\frac{1}{2}"], reference="0.5"), timeout_s=1.0)
+        results[k] = verify_samples(_rows(["(x+1)^{1000}", "\\frac{1}{2}"], reference="0.5"), VerifyConfig(timeout_s=1.0))
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
     started = time.monotonic()
