@@ -125,15 +125,18 @@ def test_a_batch_whose_engine_was_killed_once_is_resubmitted_whole(local_ray):
 
 # ---- the real flow, with the real vLLM actor killed mid-batch ------------------------------
 
-RECIPE = """
+# 24 problems in 12 shards of 2: after the first shard is back there are eleven more to generate
+# (tens of seconds even with the engine core in process), so the kill lands in a batch.
+PROBLEMS = 24
+RECIPE = f"""
 name: actor-failure
 seeds:
-  builtin: {kind: one-step, count: 12, seed: 0}
-  fields: {question: question, answer: answer, id: id}
-model: {path: embedded}
-generation: {samples_per_problem: 2, max_tokens: 96, shard_size: 2, cache: false}
-verify: {keep: all}
-quality: {require_final_answer: false}
+  builtin: {{kind: one-step, count: {PROBLEMS}, seed: 0}}
+  fields: {{question: question, answer: answer, id: id}}
+model: {{path: embedded}}
+generation: {{samples_per_problem: 2, max_tokens: 128, shard_size: 2, cache: false}}
+verify: {{keep: all}}
+quality: {{require_final_answer: false}}
 """
 
 
@@ -202,8 +205,8 @@ def test_run_completes_when_the_vllm_actor_is_killed_mid_batch(tmp_path):
     reader.start()
     killed, engine_core = [], []
     try:
-        # One engine serves the six shards one after another: once the first is back, the
-        # actor is generating the next one (five more, several seconds of work). Kill its process then.
+        # One engine serves the twelve shards one after another: once the first is back, the
+        # actor is generating the next one (eleven more). Kill its process then.
         wait_for_event_or_exit(proc, first_shard, 600, "no shard finished", lambda: "".join(stderr[-60:]))
         victims = _engine_processes(proc.pid)
         assert len(victims) == 1, victims
@@ -232,16 +235,16 @@ def test_run_completes_when_the_vllm_actor_is_killed_mid_batch(tmp_path):
     for s in manifest["counts"]["stages"]:
         assert s["rows_out"] == s["rows_in"] * s["fanout"] - sum(s["dropped"].values())
     synth = stages["synthesize"]
-    assert (synth["rows_in"], synth["fanout"]) == (12, 2)
+    assert (synth["rows_in"], synth["fanout"]) == (PROBLEMS, 2)
     assert "generation_error" not in synth["dropped"]  # the batch the kill hit was generated again
-    assert manifest["stats"]["samples_generated"] == 24 - synth["dropped"].get("empty_completion", 0)
+    assert manifest["stats"]["samples_generated"] == 2 * PROBLEMS - synth["dropped"].get("empty_completion", 0)
     assert manifest["stats"]["engine_failures"] >= 1  # the manifest says a batch was resubmitted
 
-    # Every sample once: published rows plus the samples dropped after generation are 12 x 2 ids.
+    # Every sample once: published rows plus the samples dropped after generation are PROBLEMS x 2 ids.
     data = pl.read_parquet(uri / "data")
     rejects = pl.read_parquet(uri / "rejects").filter(pl.col("stage") != "ingest")
     ids = data.select("seed_id", "sample_index").rows() + [
         (r["seed_id"], json.loads(r["record"])["sample_index"]) for r in rejects.iter_rows(named=True)
     ]
-    assert len(ids) == len(set(ids)) == 24
-    assert {i for _, i in ids} == {0, 1} and len({s for s, _ in ids}) == 12
+    assert len(ids) == len(set(ids)) == 2 * PROBLEMS
+    assert {i for _, i in ids} == {0, 1} and len({s for s, _ in ids}) == PROBLEMS
