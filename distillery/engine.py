@@ -133,7 +133,8 @@ _USER_MULTIPROCESSING = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
 
 def apply_cpu_settings(engine: EngineConfig) -> None:
     """The CPU build's settings, in this process's environment before vLLM starts: its KV cache
-    space and its threads (``distillery.hardware.cpu_engine_env``)."""
+    space, its threads (``distillery.hardware.cpu_engine_env``) and where its engine core runs
+    (``_USER_MULTIPROCESSING`` above)."""
     if engine.gpus_per_replica > 0:
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(engine.kv_cache_gib))))
