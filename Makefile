@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.8
-UV := $(VENV)/bin/uv pip --python $(PY)
+UV := VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/uv pip
 # The lock's torch==2.13.0+cpu: from the folder where this kind of machine keeps it, else PyTorch's CPU index
 TORCH_WHEELS ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 export HF_HUB_OFFLINE := 1
