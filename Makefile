@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?= -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: install model run test test-fast lock clean bench bench-cpu bench-dedup bench-curate bench-synthesize
+.PHONY: install model run test test-fast lock clean bench bench-generation bench-cpu bench-dedup bench-curate bench-synthesize
 
 $(STAMP): pyproject.toml requirements-cpu.lock
 	$(PYTHON) -m venv $(VENV)
@@ -55,7 +55,10 @@ lock: install
 clean:
 	rm -rf $(VENV) store
 
-bench: model
+bench: bench-generation
+
+# the pipeline's generation (engines on Ray) against bare vLLM LLM.generate on 512 mixed-length requests (bench/results/generation.json)
+bench-generation: model
 	$(PY) bench/generation.py
 
 # engine.dtype and threads on this CPU: bfloat16 vs float32, one vs all cores (bench/results/cpu_engine.json)

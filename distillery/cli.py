@@ -68,7 +68,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         return failed
     from flows.synthesize import synthesize
 
-    return _run_and_print_uri(lambda: synthesize(recipe, store=args.store))
+    return _run_and_print_uri(lambda: synthesize(recipe, store=args.store), summary=lambda uri: _run_summary(uri, args.store))
+
+
+def _run_summary(uri: str, store: str) -> str:
+    """A few lines for the end of a run: rows in and published, the correct share, where the
+    version is and how to look at it. Never fails the run (the URI line follows regardless)."""
+    import shlex
+
+    from distillery.store import Store
+
+    try:
+        name, version = uri.rstrip("/").split("/")[-2:]
+        manifest = json.loads(Store(store).get(f"{name}/{version}/manifest.json"))
+    except Exception as err:  # the published version is there; only its summary is missing
+        return f"published {uri} (no summary: {err})"
+    counts, stats = manifest.get("counts", {}), manifest.get("stats", {})
+    lines = [f"published {name} {version}: {counts.get('published', '?')} rows from {counts.get('input', '?')} input rows ({counts.get('rejected', 0)} rejected, each with its reason)"]
+    if stats.get("samples_generated"):
+        share = stats.get("correct_share")
+        lines.append(
+            f"  samples: {stats['samples_generated']} generated, {stats.get('samples_correct', 0)} verified correct"
+            + (f" ({100 * share:.0f}% of those with a reference)" if share is not None else "")
+            + (f", {stats['generation_tokens_per_second']:.0f} output tok/s" if stats.get("generation_tokens_per_second") else "")
+        )
+    lines.append(f"  data:      {uri}/data")
+    lines.append(f"  card:      distillery datasets show {name} {version} --store {shlex.quote(store)}")
+    lines.append(f"  dashboard: distillery ui --store {shlex.quote(store)}")
+    return "\n".join(lines)
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -90,8 +117,9 @@ class _NoTracebackFor(logging.Filter):
         return True
 
 
-def _run_and_print_uri(run) -> int:
-    """Run a flow; print its version URI as the last line of stdout, or the error (exit 1)."""
+def _run_and_print_uri(run, summary=None) -> int:
+    """Run a flow; print its version URI as the last line of stdout, or the error (exit 1).
+    ``summary(uri)``: lines for standard error before it."""
     from distillery.engine import EngineLost, Unreachable
     from distillery.model_setup import ModelNotFound
     from distillery.stages.collapse import CollapseGateFailed
@@ -115,6 +143,8 @@ def _run_and_print_uri(run) -> int:
 
         if ray.is_initialized():
             ray.shutdown()  # before the URI, so no worker output follows it
+    if summary is not None:
+        print(summary(uri), file=sys.stderr)
     sys.stderr.flush()
     print(uri, flush=True)
     return 0

@@ -2,8 +2,16 @@
 tensor-parallel group), or one on the CPU build of vLLM.
 
 ``VLLMEngine`` is a plain class (usable without Ray, e.g. in a notebook); ``EnginePool`` starts
-``replicas`` of it as Ray actors and routes each shard to one. A request that fails becomes a
-row with an ``error`` instead of failing the batch (the batch is retried row by row first).
+``replicas`` of it as Ray actors and routes each shard to the one with the fewest requests in
+flight. A request that fails becomes a row with an ``error`` instead of failing the batch (the
+batch is retried row by row first).
+
+Continuous batching: the actors are threaded, so an engine takes many shards at once (one
+``generate`` call each), and its ``EngineLoop`` feeds all their requests into one running vLLM
+batch (up to ``engine.max_in_flight``, vLLM's ``max_num_seqs``); a shard's call returns as soon as
+its own requests finish, and the requests of the next shard are already running. The sampler
+(``flows/sampling.py``) keeps about ``EnginePool.capacity()`` requests in flight. The same code on a
+GPU, where vLLM's engine core runs in its own process and ``step`` reaches it there.
 
 Placement: the pool reserves one placement-group bundle per replica,
 ``{"CPU": cpus_per_replica, "GPU": gpus_per_replica * tensor_parallel_size}``, before it starts an
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +42,8 @@ from schemas.recipe import EngineConfig, GenerationConfig
 # vLLM and the tokenizer must never reach for a model hub at run time.
 ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
+MAX_CALLS_PER_ENGINE = 64  # shards one engine actor takes at once (each a ``generate`` call)
+DEFAULT_MAX_IN_FLIGHT = 256  # vLLM's batch on CPUs and most GPUs, until the engines say theirs
 MAX_RESTARTS = 3  # Ray restarts a dead engine actor this often...
 MAX_REPLACEMENTS = 3  # ...then the pool starts a new one in the same bundle, this often per replica
 BATCH_ATTEMPTS = 2  # a whole batch is sent this often before it is split
@@ -163,10 +174,120 @@ class _OwnsEngineCore:
         self.close()
 
 
+class EngineLoop:
+    """The one thread that drives a vLLM engine: requests from any number of callers go in as they
+    come (``submit``), the engine steps while any is unfinished, and each request's future is
+    resolved as soon as that request finishes, so the engine's batch is refilled from whoever is
+    waiting instead of draining to the slowest request of one call.
+
+    Only this thread touches the engine (vLLM's ``LLMEngine`` is not thread-safe). A request the
+    engine refuses (``enqueue`` raises, e.g. a prompt longer than ``max_model_len``) fails alone;
+    a step that raises fails every request in flight, and a dead engine core is started again
+    (``restart``) before the loop goes on."""
+
+    def __init__(self, llm, restart) -> None:
+        import queue
+        import threading
+
+        self.llm, self._restart = llm, restart
+        self._inbox: queue.Queue = queue.Queue()
+        self._futures: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.submitted = self.done = self.tokens = 0  # requests taken, requests finished, output tokens
+        self.peak_in_flight = 0  # the most requests the engine held at once
+        self._next_id = 0
+        self._thread = threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompts: list[str], params: list) -> list:
+        from concurrent.futures import Future
+
+        futures = [Future() for _ in prompts]
+        with self._lock:
+            self.submitted += len(prompts)
+        self._inbox.put((prompts, params, futures))
+        return futures
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "submitted": self.submitted, "done": self.done, "tokens": self.tokens,
+                "in_flight": len(self._futures), "peak_in_flight": self.peak_in_flight,
+            }
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=60)
+
+    def _take_new(self, block: bool) -> bool:
+        """Add what callers sent to the engine; ``False`` once ``stop`` was called."""
+        import queue
+
+        from vllm.sampling_params import RequestOutputKind
+
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            block = False
+            for prompt, param, future in zip(*item, strict=True):
+                self._next_id += 1
+                request_id = f"distillery-{self._next_id}"  # finished outputs carry this id
+                param.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it is done
+                try:
+                    self.llm.llm_engine.add_request(request_id, prompt, param)
+                except Exception as err:  # refused alone: the others go on
+                    future.set_exception(err)
+                    continue
+                with self._lock:
+                    self._futures[request_id] = future
+                    self.peak_in_flight = max(self.peak_in_flight, len(self._futures))
+
+    def _run(self) -> None:
+        while self._take_new(block=not self._futures):
+            if not self._futures:
+                continue
+            try:
+                outputs = self.llm.llm_engine.step()
+            except Exception as err:  # nothing in flight can finish now: fail them, start again if dead
+                self._fail_all(err)
+                continue
+            for out in outputs:
+                if not out.finished:
+                    continue
+                with self._lock:
+                    future = self._futures.pop(out.request_id, None)
+                    self.done += 1
+                    self.tokens += len(out.outputs[0].token_ids)
+                if future is not None:
+                    future.set_result(out)
+
+    def _fail_all(self, err: Exception) -> None:
+        with self._lock:
+            futures, self._futures = self._futures, {}
+        try:
+            self.llm.llm_engine.abort_request(list(futures))
+        except Exception:  # a dead engine core aborts nothing; it is started again below
+            pass
+        if type(err).__name__ == "EngineDeadError":
+            self.llm = self._restart()
+        for future in futures.values():
+            future.set_exception(err)
+
+
 class VLLMEngine(_OwnsEngineCore):
-    """One vLLM engine; ``generate`` turns chat requests into completions."""
+    """One vLLM engine; ``generate`` turns chat requests into completions.
+
+    Many ``generate`` calls may run at once (the pool's actors are threaded): with
+    ``engine.continuous_batching`` (the default) their requests share the engine's batch through one
+    :class:`EngineLoop`; without it the calls take turns, one batch at a time."""
 
     def __init__(self, model_path: str, engine: EngineConfig, seed: int = 0) -> None:
+        import threading
+
         os.environ.update(ENGINE_ENV)
         if _in_ray_worker():
             # vLLM logs to stdout; in a Ray worker that reaches the driver's stdout, whose last
@@ -184,6 +305,8 @@ class VLLMEngine(_OwnsEngineCore):
             "tensor_parallel_size": engine.tensor_parallel_size,
             "enforce_eager": engine.gpus_per_replica == 0 if engine.enforce_eager is None else engine.enforce_eager,
         }
+        if engine.max_in_flight is not None:
+            kwargs["max_num_seqs"] = engine.max_in_flight
         if engine.gpus_per_replica > 0:
             kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
             if engine.tensor_parallel_size > 1:
@@ -200,36 +323,63 @@ class VLLMEngine(_OwnsEngineCore):
         self._start = lambda: LLM(**kwargs)
         self.llm = self._start()
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_in_flight = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+        self._turns = None if engine.continuous_batching else threading.Lock()
+        self.loop = EngineLoop(self.llm, self._restarted)
+
+    def _restarted(self):
+        """A new engine after its core died (called by the loop's thread)."""
+        try:
+            self.close_core()
+        except Exception:  # it is dead already; what matters is the new one
+            pass
+        self.llm = self._start()
+        return self.llm
+
+    def close_core(self) -> None:
+        _OwnsEngineCore.close(self)
+
+    def close(self) -> None:
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.stop()
+            self.loop = None
+        self.close_core()
+
+    def capacity(self) -> int:
+        """Requests this engine runs at once: what a caller should keep in flight to fill it."""
+        return self.max_in_flight
+
+    def progress(self) -> dict[str, int]:
+        """Requests taken and finished and output tokens so far (answers while ``generate`` runs)."""
+        return self.loop.stats()
 
     def render(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _restart_if_dead(self, err: Exception) -> None:
-        if type(err).__name__ == "EngineDeadError":  # a dead engine core answers nothing more
-            try:
-                self.close()
-            except Exception:  # it is dead already; what matters is the new one
-                self.llm = None
-            self.llm = self._start()
-
     def _generate(self, prompts: list[str], seeds: list[int], sampling: SamplingSettings) -> list[dict[str, Any]]:
+        """One result per prompt; a request that fails is an error result, the others come back."""
         from vllm import SamplingParams
 
         params = [
             SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=s)
             for s in seeds
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [
-            {
+        results = []
+        for future in self.loop.submit(prompts, params):
+            try:
+                out = future.result()
+            except Exception as err:
+                results.append(error_result(f"{type(err).__name__}: {err}"))
+                continue
+            results.append({
                 "completion": out.outputs[0].text,
                 "finish_reason": out.outputs[0].finish_reason or "unknown",
                 "num_tokens": len(out.outputs[0].token_ids),
                 "prompt_tokens": len(out.prompt_token_ids or []),
                 "error": None,
-            }
-            for out in outputs
-        ]
+            })
+        return results
 
     def generate(self, requests: list[dict[str, Any]], sampling: SamplingSettings) -> list[dict[str, Any]]:
         """``requests``: dicts with ``messages``, ``sampling_seed`` and optionally ``response_prefix``;
@@ -237,17 +387,16 @@ class VLLMEngine(_OwnsEngineCore):
         # A ``response_prefix`` starts the assistant's turn (e.g. "Score:"), and the model goes on from it.
         prompts = [self.render(r["messages"]) + r.get("response_prefix", "") for r in requests]
         seeds = [r["sampling_seed"] for r in requests]
-        try:
+        if self._turns is not None:
+            with self._turns:
+                results = self._generate(prompts, seeds, sampling)
+        else:
             results = self._generate(prompts, seeds, sampling)
-        except Exception as err:  # one bad request must not sink the batch: retry one by one
-            self._restart_if_dead(err)
-            results = []
-            for prompt, seed in zip(prompts, seeds, strict=True):
-                try:
-                    results.extend(self._generate([prompt], [seed], sampling))
-                except Exception as err:
-                    results.append(error_result(f"{type(err).__name__}: {err}"))
-                    self._restart_if_dead(err)  # the next row needs a live engine core
+        # A step that failed failed every request in flight, not only the one that made it fail:
+        # those are sent again one by one, and only a request that fails alone stays an error.
+        for i, result in enumerate(results):
+            if result["error"] is not None and len(requests) > 1:
+                results[i] = self._generate([prompts[i]], [seeds[i]], sampling)[0]
         for prompt, result in zip(prompts, results, strict=True):
             result["prompt"] = prompt
         return results
@@ -311,6 +460,8 @@ class EnginePool:
         self.restart_timeout_s = _seconds("DISTILLERY_ENGINE_RESTART_TIMEOUT_S", 900.0)
         self._engine_cls = engine_cls or VLLMEngine  # a stand-in only in tests of the fault handling
         self._lock = threading.Lock()
+        self._in_flight: list[int] = []  # requests in flight per engine
+        self._capacity: int | None = None
 
     def _reserve(self):
         """The placement group for the engines, ready; ``None`` when they ask for no resources."""
@@ -353,6 +504,8 @@ class EnginePool:
             "num_gpus": engine.gpus_per_replica * engine.tensor_parallel_size,
             "max_restarts": MAX_RESTARTS,
             "max_task_retries": 0,  # a batch in flight when the actor died is resubmitted by ``generate``
+            # threaded: the shards in flight are generated at once, in one batch (VLLMEngine's loop)
+            "max_concurrency": MAX_CALLS_PER_ENGINE,
             "runtime_env": {"env_vars": ENGINE_ENV},
         }
         if self.placement_group is not None:
@@ -382,14 +535,51 @@ class EnginePool:
                     raise
                 self.actors = actors
                 self.replaced = [0] * len(actors)
+                self._in_flight = [0] * len(actors)
+                try:
+                    self._capacity = sum(ray.get([a.capacity.remote() for a in actors]))
+                except Exception:  # an engine class without ``capacity`` (a test's stand-in)
+                    self._capacity = None
                 self.started_in = time.perf_counter() - started
         return self.actors
 
     def generate(self, shard_index: int, requests: list[dict[str, Any]], sampling: SamplingSettings) -> list[dict[str, Any]]:
+        """Results of ``requests``, in order, from the engine with the fewest requests in flight
+        (ties: engine ``shard_index % replicas``); many shards may be in flight at once."""
         if not requests:
             return []
         actors = self.start()
-        return self._generate(shard_index % len(actors), requests, sampling, BATCH_ATTEMPTS)
+        with self._lock:
+            n = len(actors)
+            index = min(range(n), key=lambda i: (self._in_flight[i], (i - shard_index) % n))
+            self._in_flight[index] += len(requests)
+        try:
+            return self._generate(index, requests, sampling, BATCH_ATTEMPTS)
+        finally:
+            with self._lock:
+                self._in_flight[index] -= len(requests)
+
+    def capacity(self) -> int:
+        """Requests the engines run at once, all replicas together: what the sampler keeps in
+        flight. Before the engines start: ``engine.max_in_flight`` or vLLM's usual 256 each."""
+        if self._capacity is None:
+            return self.engine.replicas * (self.engine.max_in_flight or DEFAULT_MAX_IN_FLIGHT)
+        return self._capacity
+
+    def progress(self) -> dict[str, int]:
+        """The engines' request and token counts so far, summed (``VLLMEngine.progress``); an
+        engine that does not answer within 5 s (restarting) adds nothing this time."""
+        import ray
+
+        total: Counter = Counter()
+        with self._lock:
+            actors = list(self.actors)
+        for actor in actors:
+            try:
+                total.update(ray.get(actor.progress.remote(), timeout=5))
+            except Exception:
+                continue
+        return dict(total)
 
     def _generate(self, index: int, requests: list[dict[str, Any]], sampling: SamplingSettings, attempts: int) -> list[dict[str, Any]]:
         """Send ``requests`` to engine ``index`` up to ``attempts`` times while its actor dies;
@@ -564,8 +754,13 @@ def start_ray() -> None:
 
 
 def in_shards(generator, requests: list[dict], sampling: SamplingSettings, size: int) -> list[dict]:
-    """Send ``requests`` to the engines ``size`` at a time (shard ``i`` to engine ``i % replicas``)."""
-    results = []
-    for i, start in enumerate(range(0, len(requests), size)):
-        results += generator.generate(i, requests[start : start + size], sampling)
-    return results
+    """Results of ``requests``, in order, sent to the engines ``size`` at a time (shard ``i``
+    named ``i``), up to ``MAX_CALLS_PER_ENGINE`` shards at once: the engines batch them together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = [requests[start : start + size] for start in range(0, len(requests), size)]
+    if len(shards) <= 1:
+        return generator.generate(0, shards[0], sampling) if shards else []
+    with ThreadPoolExecutor(min(len(shards), MAX_CALLS_PER_ENGINE), thread_name_prefix="in-shards") as pool:
+        parts = list(pool.map(lambda k: generator.generate(k, shards[k], sampling), range(len(shards))))
+    return [r for part in parts for r in part]

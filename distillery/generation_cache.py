@@ -75,6 +75,19 @@ class CachedGenerator:
         self.misses = 0
         self._lock = threading.Lock()  # shards run in threads
 
+    def capacity(self) -> int | None:
+        """What fills the engines behind the cache (``EnginePool.capacity``)."""
+        capacity = getattr(self.pool, "capacity", None)
+        return capacity() if capacity is not None else None
+
+    def progress(self) -> dict[str, int]:
+        """The engines' counts, with the cache's hits counted as requests done."""
+        progress = getattr(self.pool, "progress", None)
+        counts = dict(progress()) if progress is not None else {}
+        with self._lock:
+            counts["done"] = counts.get("done", 0) + self.hits
+        return counts
+
     def _path(self, key: str) -> str:
         return f"{PREFIX}/{key[:2]}/{key}.json"
 

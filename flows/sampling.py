@@ -1,17 +1,23 @@
 """Sampling: the problems' chain-of-thought samples, generated on the engines and verified on
-Ray workers, shard by shard and round by round, each shard handed on as soon as it is verified.
+Ray workers, shard by shard, each shard handed on as soon as it is verified.
 
 ``sample_in_rounds`` runs the rounds (``generation.adaptive``: a problem stays in the next round
 until ``target_correct`` of its samples verify or it has used ``max_samples``) and gives every
 verified shard to a sink: ``Samples`` (the run's samples, spilled to local disk per *problem
 shard*, so the driver holds a few shards, never the run) or ``Verdicts`` (only who was right:
-the difficulty strategy's probe). At most ``IN_FLIGHT`` shards are submitted at a time.
+the difficulty strategy's probe), in the order the shards come back.
+
+The engines stay full: shards are submitted while fewer requests are in flight than the engines
+batch (``requests_to_keep_in_flight``), and an engine batches the requests of all the shards it
+holds (``distillery.engine.EngineLoop``). Progress (requests done of total, output tokens/s, time
+left) is reported every 10 s (``distillery.progress``).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +25,14 @@ import polars as pl
 from prefect import get_run_logger
 
 from distillery.accounting import StageCount, StageResult
+from distillery.progress import GenerationProgress
 from flows.curation import Rejects
 from schemas.recipe import Recipe
 from tasks.synthesize import synthesize_shard
 from tasks.verify import verify_shard
 
-IN_FLIGHT = 8  # shards generated or verified at a time (the flow's thread pool runs 8 tasks)
+IN_FLIGHT = 8  # shards in flight for a generator that does not say what fills it
+MAX_SHARDS_IN_FLIGHT = 16  # at most (each holds two of the flow's task threads: generate, verify)
 VERDICT_SCHEMA = {"seed_id": pl.Utf8, "correct": pl.Boolean}
 
 
@@ -143,10 +151,37 @@ class Sampled:
     rounds: int
 
 
+@dataclass
+class _Shard:
+    """Problems whose next ``count`` samples (indices from ``first``) go to the engines together."""
+
+    number: int
+    problems: pl.DataFrame
+    first: int
+    count: int
+    round_no: int
+    futures: tuple = ()
+
+
+def requests_to_keep_in_flight(generator, shard_requests: int) -> int:
+    """What fills the engines (``capacity()`` of the pool: vLLM's batch, all replicas) plus one
+    shard, so that a finished shard's successor is already waiting; a generator that does not
+    say (the tests' scripted one) gets ``IN_FLIGHT`` shards."""
+    capacity = getattr(generator, "capacity", None)
+    filled = capacity() if capacity is not None else None
+    return IN_FLIGHT * shard_requests if filled is None else filled + shard_requests
+
+
 def sample_in_rounds(generator, recipe: Recipe, problems: pl.DataFrame, lineage: dict, sink) -> Sampled:
-    """Generate and verify in rounds of ``samples_per_problem``; each verified shard goes to
-    ``sink.add(generated, verified)`` in shard order. Problems without a reference answer stop
+    """Generate and verify ``samples_per_problem`` at a time; each verified shard goes to
+    ``sink.add(generated, verified)`` as it comes back. Problems without a reference answer stop
     after one round (nothing can verify them).
+
+    The engines are kept full: shards are submitted while the requests in flight are fewer than
+    the engines batch (``requests_to_keep_in_flight``), and each engine batches the requests of
+    every shard it holds. There is no round barrier: with ``generation.adaptive``, the problems of
+    a shard that need more samples go back to the engines as the next round's shard as soon as
+    that shard is verified, whatever the other shards are doing.
 
     The synthesize count has the budget as its fanout: ``rows_in`` problems x ``max_samples``,
     and the samples never drawn because a problem stopped early are ``stopped_early``.
@@ -159,30 +194,47 @@ def sample_in_rounds(generator, recipe: Recipe, problems: pl.DataFrame, lineage:
     correct = dict.fromkeys(spent, 0)
     synth_counts: list[StageCount] = []
     verify_counts: list[StageCount] = []
-    active, round_no = problems, 0
-    while active.height:
-        count = min(cfg.samples_per_problem, budget - round_no * cfg.samples_per_problem)
-        first = round_no * cfg.samples_per_problem
-        pending: deque = deque()
-        for i, start in enumerate(range(0, active.height, cfg.shard_size)):
-            generated = synthesize_shard.submit(generator, i, active.slice(start, cfg.shard_size), cfg, lineage, first, count)
-            pending.append((generated, verify_shard.submit(i, generated, recipe.verify)))
-            while len(pending) >= IN_FLIGHT:
-                _take(pending.popleft(), sink, synth_counts, verify_counts, correct)
-        while pending:
-            _take(pending.popleft(), sink, synth_counts, verify_counts, correct)
-        for seed_id in active["seed_id"].to_list():
-            spent[seed_id] += count
-        round_no += 1
-        if target is None:
-            break
-        still = [
-            s["seed_id"]
-            for s in active.select("seed_id", "reference_answer").iter_rows(named=True)
-            if s["reference_answer"] is not None and correct[s["seed_id"]] < target and spent[s["seed_id"]] < budget
-        ]
-        logger.info("sampling round %d: %d problems, %d keep going", round_no, active.height, len(still))
-        active = active.filter(pl.col("seed_id").is_in(still))
+    first_count = min(cfg.samples_per_problem, budget)
+    waiting = deque(
+        _Shard(i, problems.slice(start, cfg.shard_size), 0, first_count, 0)
+        for i, start in enumerate(range(0, problems.height, cfg.shard_size))
+    )
+    numbered = len(waiting)
+    keep = requests_to_keep_in_flight(generator, cfg.shard_size * cfg.samples_per_problem)
+    progress = GenerationProgress(generator, logger, label="generation")
+    progress.submitted(sum(s.problems.height * s.count for s in waiting))
+    in_flight: list[_Shard] = []
+    rounds = 0
+    while waiting or in_flight:
+        while waiting and (not in_flight or (sum(s.problems.height * s.count for s in in_flight) < keep and len(in_flight) < MAX_SHARDS_IN_FLIGHT)):
+            shard = waiting.popleft()
+            generated = synthesize_shard.submit(generator, shard.number, shard.problems, cfg, lineage, shard.first, shard.count)
+            shard.futures = (generated, verify_shard.submit(shard.number, generated, recipe.verify))
+            in_flight.append(shard)
+        done, _ = wait([s.futures[1].wrapped_future for s in in_flight], timeout=1.0, return_when=FIRST_COMPLETED)
+        progress.tick()
+        for shard in [s for s in in_flight if s.futures[1].wrapped_future in done]:
+            in_flight.remove(shard)
+            generated = _take(shard.futures, sink, synth_counts, verify_counts, correct)
+            progress.came_back(shard.problems.height * shard.count, int(generated.kept["num_tokens"].sum()) if generated.kept.height else 0)
+            for seed_id in shard.problems["seed_id"].to_list():
+                spent[seed_id] += shard.count
+            rounds = max(rounds, shard.round_no + 1)
+            if target is None:
+                continue
+            more = [
+                s["seed_id"]
+                for s in shard.problems.select("seed_id", "reference_answer").iter_rows(named=True)
+                if s["reference_answer"] is not None and correct[s["seed_id"]] < target and spent[s["seed_id"]] < budget
+            ]
+            logger.info("sampling shard %d (round %d): %d problems, %d keep going", shard.number, shard.round_no + 1, shard.problems.height, len(more))
+            if more:
+                first = shard.first + shard.count
+                successor = _Shard(numbered, shard.problems.filter(pl.col("seed_id").is_in(more)), first, min(cfg.samples_per_problem, budget - first), shard.round_no + 1)
+                numbered += 1
+                progress.submitted(successor.problems.height * successor.count)
+                waiting.appendleft(successor)  # before the first round's rest: its problem waits for it
+    progress.close()
 
     drawn = sum(spent.values())
     dropped: Counter = Counter()
@@ -193,10 +245,10 @@ def sample_in_rounds(generator, recipe: Recipe, problems: pl.DataFrame, lineage:
     kept = sum(c.rows_out for c in synth_counts)
     synth = StageCount("synthesize", problems.height, kept, budget, dict(dropped)).check()
     verify = StageCount.combine(verify_counts) if verify_counts else StageCount("verify", 0, 0)
-    return Sampled(synth, verify, spent, round_no)
+    return Sampled(synth, verify, spent, rounds)
 
 
-def _take(futures, sink, synth_counts: list, verify_counts: list, correct: dict) -> None:
+def _take(futures, sink, synth_counts: list, verify_counts: list, correct: dict) -> StageResult:
     """One shard's results, handed to the sink; nothing of it stays here but its counts."""
     generated, verified = futures[0].result(), futures[1].result()
     synth_counts.append(generated.count)
@@ -205,3 +257,4 @@ def _take(futures, sink, synth_counts: list, verify_counts: list, correct: dict)
         for seed_id in verified.kept.filter(pl.col("correct").fill_null(False))["seed_id"].to_list():
             correct[seed_id] += 1
     sink.add(generated, verified)
+    return generated

@@ -65,7 +65,8 @@ def _vllm_version() -> str:
     return "unknown"
 
 
-@flow(name="synthesize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
+# Task threads: a shard in flight holds two (generate, verify; flows/sampling.py keeps up to 16).
+@flow(name="synthesize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=40))
 def synthesize(recipe: Recipe, store: str = "store") -> str:
     """Run one recipe end to end and return the URI of the published version."""
     run_id = distillery.run_id()
@@ -124,6 +125,9 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
             gen_seconds = time.perf_counter() - started - ((pool.started_in or 0.0) - started_before)
             if recipe.score.method == "judge":  # the judge runs on the generation engines: score while they are up
                 score_stage = _score_and_curate(samples, made, sampled, strategy, recipe, scorer, curation)
+            engine_counts = pool.progress() if hasattr(pool, "progress") else {}
+            if engine_counts.get("peak_in_flight"):  # how full the engines were (summed over engines)
+                engine_stats["engine_batching"] = {"continuous": recipe.engine.continuous_batching, "peak_requests_in_flight": engine_counts["peak_in_flight"]}
         finally:
             pool.shutdown()
         if pool.started_in is not None:
@@ -143,8 +147,9 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     stats = samples.stats.as_dict(gen_seconds)
     if "generation_cache" in engine_stats:
         stats["generation_cache"] = engine_stats["generation_cache"]
-    if "engine_failures" in engine_stats:
-        stats["engine_failures"] = engine_stats["engine_failures"]
+    for key in ("engine_failures", "engine_batching"):
+        if key in engine_stats:
+            stats[key] = engine_stats[key]
     if sampled.spent:
         stats["sampling"] = _spent_stats(sampled.spent, sampled.rounds, budget)
     logger.info("verify: %s of %s samples with a reference are correct", stats["samples_correct"], stats["samples_with_reference"])

@@ -298,7 +298,7 @@ class FieldMap(_Strict):
 class BuiltinSeeds(_Strict):
     """Programmatically generated word problems whose answers the program computes."""
 
-    kind: Literal["arithmetic", "one-step"] = "arithmetic"
+    kind: Literal["arithmetic", "one-step", "one-step-word"] = "arithmetic"
     count: int = Field(32, ge=1, le=1_000_000)
     seed: int = 0
 
@@ -341,6 +341,12 @@ class EngineConfig(_Strict):
     enforce_eager: bool | None = None
     kv_cache_gib: float = Field(1.0, gt=0)  # CPU KV cache space (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    # Requests an engine runs at once (vLLM's max_num_seqs); None = what vLLM itself batches.
+    max_in_flight: int | None = Field(None, ge=1)
+    # True: every engine is fed from all shards in flight and a shard's results return as soon
+    # as its own requests finish. False: one shard at a time per engine, which makes the text
+    # reproducible bit for bit (vLLM's output depends on the batch a request ran in).
+    continuous_batching: bool = True
 
 
 class AdaptiveConfig(_Strict):

@@ -84,16 +84,35 @@ def _one_step(rng: random.Random) -> tuple[str, int]:
     return f"What is {a} - {b}?", a - b
 
 
+def _one_step_word(rng: random.Random) -> tuple[str, int]:
+    """A word problem of one addition or subtraction with small numbers (``Ava has 7 shells and
+    finds 5 more. How many shells does Ava have now?``): the default recipe's problems, a story
+    for the chain of thought to retell, and one step the embedded 135M model can take."""
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = rng.randint(2, 9), rng.randint(1, 9)
+    if rng.random() < 0.5:
+        verb = rng.choice(["buys", "finds", "gets"])
+        return f"{name} has {a} {item} and {verb} {b} more. How many {item} does {name} have now?", a + b
+    a = rng.randint(3, 12)
+    b = rng.randint(1, a - 1)
+    verb = rng.choice(["gives away", "loses", "uses"])
+    return f"{name} has {a} {item} and {verb} {b} of them. How many {item} does {name} have left?", a - b
+
+
 def arithmetic_problems(count: int, *, seed: int = 0, kind: str = "arithmetic") -> Iterator[dict[str, str]]:
     """``count`` problems as seed rows with ``question`` and ``answer`` (the computed value).
 
-    ``kind``: ``"arithmetic"`` (multi-step word problems) or ``"one-step"`` (``What is 17 + 25?``).
+    ``kind``: ``"arithmetic"`` (multi-step word problems), ``"one-step"`` (``What is 7 + 5?``) or
+    ``"one-step-word"`` (one addition or subtraction told as a story).
     """
     rng = random.Random(seed)
     for i in range(count):
         if kind == "one-step":
             question, answer = _one_step(rng)
             yield {"id": f"step-{seed}-{i:06d}", "question": question, "answer": str(answer)}
+        elif kind == "one-step-word":
+            question, answer = _one_step_word(rng)
+            yield {"id": f"word-{seed}-{i:06d}", "question": question, "answer": str(answer)}
         else:
             question, answer = TEMPLATES[i % len(TEMPLATES)](rng)
             yield {"id": f"arith-{seed}-{i:06d}", "question": question, "answer": str(answer)}

@@ -32,6 +32,10 @@ SETS = [
     "verify.keep=all",
     "quality.drop_truncated=false",
     "quality.require_final_answer=false",
+    # one shard at a time per engine: vLLM's text depends on the batch a request ran in, so only
+    # then does a rerun give the uninterrupted run's text bit for bit (continuous batching gives
+    # each sample once, but not the same text as another run)
+    "engine.continuous_batching=false",
 ]
 
 
