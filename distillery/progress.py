@@ -1,7 +1,8 @@
 """Generation progress: requests done of total, output tokens/s and the time left, while it runs.
 
 ``GenerationProgress`` is told what was submitted (``planned``) and asked to ``tick`` often (the
-sampler does, between its shards); at most every ``every_s`` seconds it reads the engines' own
+sampler does, between its shards); at most every ``every_s`` seconds (10, or
+``DISTILLERY_PROGRESS_EVERY_S``) it reads the engines' own
 counts (``progress()`` of the pool, which answers while they generate, so the figures move with
 each finished request, not each finished shard) and reports them:
 
@@ -17,6 +18,7 @@ A generator without ``progress()`` (the tests' scripted one) is counted by what 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -29,8 +31,9 @@ def duration(seconds: float) -> str:
 
 
 class GenerationProgress:
-    def __init__(self, generator, logger: logging.Logger | logging.LoggerAdapter, *, label: str = "generation", every_s: float = 10.0, bar: bool | None = None, artifact: bool = True, clock=time.monotonic) -> None:
-        self.generator, self.logger, self.label, self.every_s, self.clock = generator, logger, label, every_s, clock
+    def __init__(self, generator, logger: logging.Logger | logging.LoggerAdapter, *, label: str = "generation", every_s: float | None = None, bar: bool | None = None, artifact: bool = True, clock=time.monotonic) -> None:
+        self.generator, self.logger, self.label, self.clock = generator, logger, label, clock
+        self.every_s = every_s if every_s is not None else float(os.environ.get("DISTILLERY_PROGRESS_EVERY_S", 10.0))
         self.planned = 0  # requests submitted (or about to be)
         self.returned = 0  # requests whose shard came back (the fallback count)
         self.returned_tokens = 0

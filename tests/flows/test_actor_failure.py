@@ -125,9 +125,10 @@ def test_a_batch_whose_engine_was_killed_once_is_resubmitted_whole(local_ray):
 
 # ---- the real flow, with the real vLLM actor killed mid-batch ------------------------------
 
-# 24 problems in 12 shards of 2: after the first shard is back there are eleven more to generate
-# (tens of seconds even with the engine core in process), so the kill lands in a batch.
-PROBLEMS = 24
+# 16 problems in 8 shards of 2, all in the engine's batch at once (continuous batching): the kill
+# comes when a progress line (every 1 s here) says some requests are done but not all, so it
+# lands while the engine holds the rest, from several shards.
+PROBLEMS = 16
 RECIPE = f"""
 name: actor-failure
 seeds:
@@ -188,26 +189,26 @@ def test_run_completes_when_the_vllm_actor_is_killed_mid_batch(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
     store = tmp_path / "store"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DISTILLERY_PROGRESS_EVERY_S": "1"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "distillery.cli", "run", str(recipe), "--store", str(store)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr: list[str] = []
-    first_shard = threading.Event()
+    some_done = threading.Event()
 
     def read_stderr():
         for line in proc.stderr:
             stderr.append(line)
-            if re.search(r"shard \d+: \d+ problems", line):
-                first_shard.set()
+            progress = re.search(r"generation: (\d+)/(\d+) requests", line)
+            if progress and 0 < int(progress[1]) < int(progress[2]):
+                some_done.set()
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
     killed, engine_core = [], []
     try:
-        # One engine serves the twelve shards one after another: once the first is back, the
-        # actor is generating the next one (eleven more). Kill its process then.
-        wait_for_event_or_exit(proc, first_shard, 600, "no shard finished", lambda: "".join(stderr[-60:]))
+        # Some requests are done, not all: the engine holds the others. Kill it now.
+        wait_for_event_or_exit(proc, some_done, 600, "no progress line with some but not all requests done", lambda: "".join(stderr[-60:]))
         victims = _engine_processes(proc.pid)
         assert len(victims) == 1, victims
         engine_core = victims[0].children(recursive=True)
