@@ -57,11 +57,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RecipeError as err:
         return _fail(str(err), 2)
     from distillery.model_setup import ModelNotFound, resolve_model_path
+    from distillery.served import MissingKey, api_key
 
     try:
-        resolve_model_path(recipe.model.path)  # fail in a second, not after Prefect and Ray start
+        if recipe.model.backend == "openai":
+            api_key(recipe.model)  # its variable is set (fail now, not at the first request)
+        else:
+            resolve_model_path(recipe.model.path)  # fail in a second, not after Prefect and Ray start
     except ModelNotFound as err:
         return _fail(f"model.path: {err}", 1)
+    except MissingKey as err:
+        return _fail(str(err), 1)
     inputs = [recipe.seeds.path] if recipe.seeds and recipe.seeds.path else [recipe.glan.taxonomy] if recipe.glan.taxonomy else []
     failed = preflight(args.store, inputs)
     if failed is not None:

@@ -66,11 +66,17 @@ class CachedGenerator:
     """Wraps an engine pool (anything with ``generate(shard_index, requests, sampling)``): hits
     come from the store, only misses reach the engines, and their results are stored."""
 
-    def __init__(self, pool, store: Store, model_dir: str, model: dict[str, str], threads: int = 16) -> None:
-        self.pool, self.store, self.model_dir, self.model, self.threads = pool, store, str(Path(model_dir)), model, threads
-        # Load the tokenizer now, in one thread: shards run in threads, and transformers' lazy
-        # imports raced there ("cannot import name 'AutoTokenizer'", seen here on a busy machine).
-        _tokenizer(self.model_dir)
+    def __init__(self, pool, store: Store, model_dir: str | None, model: dict[str, str], threads: int = 16, *, render_request=None) -> None:
+        """``render_request(request)``: the prompt string a request is keyed by; by default the
+        model folder's chat template applied to its messages, plus its response prefix (a served
+        model, whose template this side cannot see, passes ``distillery.served.render_request``)."""
+        self.pool, self.store, self.model, self.threads = pool, store, model, threads
+        self.model_dir = str(Path(model_dir)) if model_dir else None
+        self._render_request = render_request or (lambda r: render(self.model_dir, r["messages"]) + r.get("response_prefix", ""))
+        if self.model_dir:
+            # Load the tokenizer now, in one thread: shards run in threads, and transformers' lazy
+            # imports raced there ("cannot import name 'AutoTokenizer'", seen here on a busy machine).
+            _tokenizer(self.model_dir)
         self.hits = 0
         self.misses = 0
         self._lock = threading.Lock()  # shards run in threads
@@ -100,7 +106,7 @@ class CachedGenerator:
             return None  # an unreadable entry is a miss, never a failed run
 
     def generate(self, shard_index: int, requests: list[dict[str, Any]], sampling: SamplingSettings) -> list[dict[str, Any]]:
-        prompts = [render(self.model_dir, r["messages"]) + r.get("response_prefix", "") for r in requests]
+        prompts = [self._render_request(r) for r in requests]
         keys = [request_key(self.model, p, sampling, r["sampling_seed"]) for p, r in zip(prompts, requests, strict=True)]
         batch = hashlib.sha256("".join(keys).encode()).hexdigest()
         with ThreadPoolExecutor(self.threads) as pool:

@@ -19,6 +19,8 @@ problem's samples by ``sample_index``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -37,6 +39,8 @@ from distillery.engine import EnginePool, start_ray, with_resolved_dtype
 from distillery.generation_cache import CachedGenerator
 from distillery.lineage import LineageRecorder
 from distillery.model_setup import model_identity, resolve_model_path
+from distillery.served import ServedModel, render_request
+from distillery.uri_io import redact_uri
 from distillery.stages.score import Scorer
 from distillery.stages.select import pass_rates
 from distillery.store import Store
@@ -80,14 +84,18 @@ def synthesize(recipe: Recipe, store: str = "store") -> str:
 
 def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecorder, spill: Path) -> str:
     logger = get_run_logger()
-    model_dir = resolve_model_path(recipe.model.path)
-    identity = model_identity(model_dir)
+    served = recipe.model.backend == "openai"
+    model_dir = None if served else resolve_model_path(recipe.model.path)
+    identity = {"name": recipe.model.name, "source": redact_uri(recipe.model.base_url)} if served else model_identity(model_dir)
     model_name = recipe.model.name or identity["name"]
     lineage = {"model": model_name, "recipe_hash": recipe.hash(), "code_version": distillery.code_version()}
     strategy = strategies.active(recipe)
     recorder.annotate(model=model_name, prompt_templates=sorted(strategy.lineage(recipe)["prompt_templates"].values()) if strategy else None)
-    engine, dtype_reason = with_resolved_dtype(recipe.engine, str(model_dir))
-    logger.info("engine dtype: %s (engine.dtype: %s; %s)", engine.dtype, recipe.engine.dtype, dtype_reason)
+    if served:
+        engine, dtype_reason = recipe.engine, "the served model's own (the endpoint decides)"
+    else:
+        engine, dtype_reason = with_resolved_dtype(recipe.engine, str(model_dir))
+        logger.info("engine dtype: %s (engine.dtype: %s; %s)", engine.dtype, recipe.engine.dtype, dtype_reason)
     gen = recipe.generation
     budget = gen.adaptive.max_samples if gen.adaptive else gen.samples_per_problem
     store_ = Store(store)
@@ -111,8 +119,16 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
 
     if seeds.kept.height:  # else nothing valid to generate from: an empty, fully accounted version
         start_ray()
-        pool = (ENGINE_POOL_FACTORY or EnginePool)(str(model_dir), engine, seed=gen.seed)
-        generator = CachedGenerator(pool, store_, str(model_dir), {"sha256": identity["sha256"], "dtype": engine.dtype}) if gen.cache and identity.get("sha256") else pool
+        if served:  # an OpenAI-compatible endpoint instead of the run's own engines
+            pool = ServedModel(recipe.model, seed=gen.seed)
+            # the cache's model key: the served name at this endpoint (what /models says is lineage)
+            identity["sha256"] = hashlib.sha256(json.dumps([identity["name"], identity["source"]]).encode()).hexdigest()
+            identity.update(pool.identity())
+            logger.info("served model %s at %s (%s)", recipe.model.name, identity["source"], ", ".join(f"{k}={v}" for k, v in identity.items() if k in ("id", "root")) or "not described by /models")
+            generator = CachedGenerator(pool, store_, None, {"sha256": identity["sha256"], "dtype": "served"}, render_request=render_request) if gen.cache else pool
+        else:
+            pool = (ENGINE_POOL_FACTORY or EnginePool)(str(model_dir), engine, seed=gen.seed)
+            generator = CachedGenerator(pool, store_, str(model_dir), {"sha256": identity["sha256"], "dtype": engine.dtype}) if gen.cache and identity.get("sha256") else pool
         scorer = Scorer(recipe.score, recipe.engine, generator, seed=gen.seed) if recipe.score.method != "none" else None
         try:
             # 2. the strategy (its stages run on the engines), 3. sample: generate + verify, spilled
@@ -126,6 +142,8 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
             if recipe.score.method == "judge":  # the judge runs on the generation engines: score while they are up
                 score_stage = _score_and_curate(samples, made, sampled, strategy, recipe, scorer, curation)
             engine_counts = pool.progress() if hasattr(pool, "progress") else {}
+            if served:  # what the endpoint was asked and answered (its usage fields)
+                engine_stats["endpoint_usage"] = {k: engine_counts.get(k, 0) for k in ("done", "prompt_tokens", "tokens", "retries", "errors")}
             if engine_counts.get("peak_in_flight"):  # how full the engines were (summed over engines)
                 engine_stats["engine_batching"] = {"continuous": recipe.engine.continuous_batching, "peak_requests_in_flight": engine_counts["peak_in_flight"]}
         finally:
@@ -147,7 +165,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     stats = samples.stats.as_dict(gen_seconds)
     if "generation_cache" in engine_stats:
         stats["generation_cache"] = engine_stats["generation_cache"]
-    for key in ("engine_failures", "engine_batching"):
+    for key in ("engine_failures", "engine_batching", "endpoint_usage"):
         if key in engine_stats:
             stats[key] = engine_stats[key]
     if sampled.spent:
@@ -218,10 +236,11 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
             "model": model_name,
             "model_sha256": identity.get("sha256"),
             "model_source": identity.get("source"),
-            "engine": "vllm-cpu" if recipe.engine.gpus_per_replica == 0 else "vllm",
-            "engine_version": _vllm_version(),
+            "engine": "openai-endpoint" if served else "vllm-cpu" if recipe.engine.gpus_per_replica == 0 else "vllm",
+            "engine_version": None if served else _vllm_version(),
             "engine_settings": recipe.engine.model_dump(mode="json"),
-            "dtype": engine.dtype,  # what the engines ran with (engine.dtype "auto" resolved)
+            **({"endpoint": {k: v for k, v in identity.items() if k != "sha256"}} if served else {}),
+            "dtype": "served" if served else engine.dtype,  # what the engines ran with (engine.dtype "auto" resolved)
             "dtype_reason": dtype_reason,
             "sampling": gen.model_dump(mode="json"),
             **({strategy.name: strategy.lineage(recipe)} if strategy else {}),

@@ -323,10 +323,31 @@ class SeedsConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    # "vllm": the model runs on the run's own vLLM engines (Ray actors). "openai": a served model
+    # behind an OpenAI-compatible endpoint (`vllm serve`, SGLang, TGI, a hosted API) at `base_url`,
+    # asked for by `name` (distillery/served.py).
+    backend: Literal["vllm", "openai"] = "vllm"
     # "embedded" is the SmolLM2-135M-Instruct folder that `make model` materializes;
     # anything else is a local Hugging Face folder (or a hub id where the network allows it).
     path: str = "embedded"
-    name: str | None = None  # the name recorded in lineage; defaults to the model folder's own
+    name: str | None = None  # lineage's name for it (default: the folder's own); openai: the served model's name
+    base_url: str | None = None  # openai: e.g. http://127.0.0.1:8000/v1
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # openai: the environment variable that holds the key (never the key itself)
+    max_concurrency: int = Field(16, ge=1, le=1024)  # openai: requests in flight at once
+    timeout_s: float = Field(300.0, gt=0)  # openai: one request's time limit
+    max_retries: int = Field(8, ge=0, le=100)  # openai: retries of a request on 429, 5xx, a timeout or a refused connection
+
+    @model_validator(mode="after")
+    def _served(self) -> ModelConfig:
+        if self.backend == "openai":
+            missing = [f"model.{k}" for k in ("base_url", "name") if not getattr(self, k)]
+            if missing:
+                msg = f"model.backend: openai needs {' and '.join(missing)} (the endpoint, e.g. http://127.0.0.1:8000/v1, and the served model's name)"
+                raise ValueError(msg)
+            if not self.base_url.startswith(("http://", "https://")):
+                msg = f"model.base_url: expected an http:// or https:// URL, got {self.base_url!r}"
+                raise ValueError(msg)
+        return self
 
 
 class EngineConfig(_Strict):

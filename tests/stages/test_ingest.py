@@ -266,3 +266,20 @@ def test_seed_ingest_ignores_the_types_of_fields_it_does_not_map(tmp_path):
     result = ingest_seeds(SeedsConfig(path=_jsonl(tmp_path / "seeds.jsonl", [json.dumps(r) for r in rows]), answer_format="gsm8k"))
     assert result.count.rows_out == 3 and result.rejects.height == 0
     result.kept.write_parquet(tmp_path / "seeds.parquet")
+
+
+def test_builtin_problems_carry_their_computed_answers():
+    """Each built-in kind's answer is what its question computes (parsed back from the text)."""
+    import re
+
+    from distillery.stages.builtin_seeds import arithmetic_problems
+
+    for row in arithmetic_problems(200, kind="one-step-word"):
+        a, b = map(int, re.findall(r"\d+", row["question"]))
+        plus = re.search(r" (buys|finds|gets) ", row["question"]) is not None
+        assert int(row["answer"]) == (a + b if plus else a - b) and int(row["answer"]) > 0, row
+        assert row["id"].startswith("word-0-")
+    for row in arithmetic_problems(200, kind="one-step"):
+        a, op, b = re.fullmatch(r"What is (\d) ([+-]) (\d)\?", row["question"]).groups()
+        assert int(row["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    assert list(arithmetic_problems(5, kind="one-step-word", seed=3)) == list(arithmetic_problems(5, kind="one-step-word", seed=3))

@@ -1,0 +1,137 @@
+"""``model.backend: openai`` end to end (slow): the real ``distillery run`` against a real
+``vllm serve`` of the embedded model on 127.0.0.1 (the CPU build's OpenAI-compatible server),
+killed with SIGKILL mid-run and started again on the same port. The run waits it out (retries
+with backoff), completes, and publishes every sample exactly once with the endpoint's token
+usage; a second run is answered from the generation cache, keyed by the served model.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import polars as pl
+import pytest
+
+from tests.procs import wait_for_event_or_exit
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_prefect")]
+PROBLEMS, SAMPLES = 8, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    """``vllm serve`` (its module: the CPU wheel's ``vllm`` script looks for a package named vllm)
+    with the CPU settings the run's own engines use; returns once /health answers."""
+    from distillery.hardware import cpu_engine_env
+
+    env = {**os.environ, **cpu_engine_env(1), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", "embedded",
+        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--enforce-eager",
+        # as the run's CPU engines: per-request seeds need whole prompts per step on vLLM 0.32's CPU build
+        "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096",
+    ]
+    proc = subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"vllm serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise AssertionError(f"vllm serve did not answer /health in 300 s:\n{log.read_text()[-3000:]}")
+
+
+def kill_server(proc: subprocess.Popen) -> None:
+    """SIGKILL the server and its engine-core process (its own session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
+
+
+def _run(store: Path, port: int, tmp: Path, stderr_lines: list[str], seen: threading.Event | None = None) -> subprocess.Popen:
+    sets = [
+        "model.backend=openai", f"model.base_url=http://127.0.0.1:{port}/v1", "model.name=embedded", "model.max_concurrency=8",
+        f"seeds.builtin.count={PROBLEMS}", f"generation.samples_per_problem={SAMPLES}", "generation.max_tokens=96",
+        "generation.shard_size=2", "verify.keep=all", "quality.require_final_answer=false", "quality.drop_truncated=false",
+    ]
+    cmd = [sys.executable, "-m", "distillery.cli", "run", "recipes/default.yaml", "--store", str(store)]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "DISTILLERY_PROGRESS_EVERY_S": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def read():
+        for line in proc.stderr:
+            stderr_lines.append(line)
+            progress = re.search(r"generation: (\d+)/(\d+) requests", line)
+            if seen is not None and progress and 0 < int(progress[1]) < int(progress[2]):
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc
+
+
+def test_a_run_against_vllm_serve_survives_the_server_being_killed(embedded_model, tmp_path):
+    port = _free_port()
+    log = tmp_path / "server.log"
+    server = start_server(embedded_model, port, log)
+    store = tmp_path / "store"
+    lines: list[str] = []
+    some_done = threading.Event()
+    try:
+        run = _run(store, port, tmp_path, lines, some_done)
+        wait_for_event_or_exit(run, some_done, 600, "no progress line with some but not all requests done", lambda: "".join(lines[-40:]))
+        kill_server(server)  # mid-run: the requests in flight fail, the next ones are refused
+        time.sleep(3)
+        server = start_server(embedded_model, port, log)  # the same endpoint again
+        stdout, _ = run.communicate(timeout=900)
+    finally:
+        kill_server(server)
+    log_text = "".join(lines)
+    assert run.returncode == 0, log_text[-4000:]
+    assert re.search(r"served model embedded: .*retrying in", log_text), "no request was retried:\n" + log_text[-3000:]
+
+    uri = Path(stdout.strip().splitlines()[-1])
+    manifest = json.loads((uri / "manifest.json").read_text())
+    assert manifest["generator"]["engine"] == "openai-endpoint"
+    assert manifest["generator"]["endpoint"]["name"] == "embedded" and manifest["generator"]["endpoint"]["root"] == str(embedded_model)
+    synth = next(s for s in manifest["counts"]["stages"] if s["stage"] == "synthesize")
+    assert "generation_error" not in synth["dropped"]  # every request got through in the end
+    usage = manifest["stats"]["endpoint_usage"]
+    assert usage["retries"] >= 1 and usage["errors"] == 0 and usage["done"] == PROBLEMS * SAMPLES
+    data = pl.read_parquet(uri / "data")
+    assert usage["prompt_tokens"] > 0 and usage["tokens"] == data["num_tokens"].sum() + sum(
+        json.loads(r)["num_tokens"] for r in pl.read_parquet(uri / "rejects").filter(pl.col("stage") != "ingest")["record"]
+    )  # the endpoint's usage is each sample's num_tokens
+    rejects = pl.read_parquet(uri / "rejects").filter(pl.col("stage") != "ingest")
+    ids = data.select("seed_id", "sample_index").rows() + [(r["seed_id"], json.loads(r["record"])["sample_index"]) for r in rejects.iter_rows(named=True)]
+    assert len(ids) == len(set(ids)) == PROBLEMS * SAMPLES  # every sample once
+
+    # the same run again: every request from the cache, keyed by the served model
+    again_lines: list[str] = []
+    again = _run(store, port, tmp_path, again_lines)
+    stdout, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, "".join(again_lines)[-3000:]
+    cache = json.loads((Path(stdout.strip().splitlines()[-1]) / "manifest.json").read_text())["stats"]["generation_cache"]
+    assert cache == {"hits": PROBLEMS * SAMPLES, "misses": 0}
