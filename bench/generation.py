@@ -30,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from distillery.engine import EnginePool, SamplingSettings, VLLMEngine, in_shards, start_ray
+from distillery.engine import EnginePool, SamplingSettings, VLLMEngine, in_shards, resolve_engine_dtype, start_ray
 from distillery.model_setup import resolve_model_path
 from distillery.stages.builtin_seeds import arithmetic_problems
 from distillery.stages.synthesize import build_messages, sampling_seed
@@ -120,12 +120,13 @@ def main() -> None:
     for r in rows:
         r["over_bare_vllm"] = round(r["tokens_per_s"] / base, 3)
     lengths = sorted({s.max_tokens for s in sampling})
-    print(f"{len(requests)} requests, max_tokens {lengths}, shards of {shard_requests} requests, dtype {engine_cfg.dtype}, cores {os.cpu_count()}, best of {args.rounds} round(s)")
+    dtype = resolve_engine_dtype(engine_cfg, model)[0]
+    print(f"{len(requests)} requests, max_tokens {lengths}, shards of {shard_requests} requests, dtype {dtype}, cores {os.cpu_count()}, best of {args.rounds} round(s)")
     print(f"{'path':32} {'seconds':>8} {'out tokens':>11} {'tok/s':>8} {'x bare':>7}")
     for r in rows:
         print(f"{r['path']:32} {r['seconds']:>8} {r['output_tokens']:>11} {r['tokens_per_s']:>8} {r['over_bare_vllm']:>7}")
     result = {
-        "requests": len(requests), "max_tokens": lengths, "shard_requests": shard_requests, "rounds": args.rounds, "cores": os.cpu_count(),
+        "requests": len(requests), "max_tokens": lengths, "shard_requests": shard_requests, "rounds": args.rounds, "cores": os.cpu_count(), "dtype": dtype,
         "rows": rows,
         "pipeline_over_bare_vllm": rows[1]["over_bare_vllm"],
         "one_shard_at_a_time_over_bare_vllm": rows[2]["over_bare_vllm"],
