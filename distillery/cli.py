@@ -74,10 +74,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return failed
     from flows.synthesize import synthesize
 
-    return _run_and_print_uri(lambda: synthesize(recipe, store=args.store), summary=lambda uri: _run_summary(uri, args.store))
+    return _run_and_print_uri(lambda: synthesize(recipe, store=args.store), summary=lambda uri: run_summary(uri, args.store))
 
 
-def _run_summary(uri: str, store: str) -> str:
+def run_summary(uri: str, store: str) -> str:
     """A few lines for the end of a run: rows in and published, the correct share, where the
     version is and how to look at it. Never fails the run (the URI line follows regardless)."""
     import shlex
@@ -90,6 +90,9 @@ def _run_summary(uri: str, store: str) -> str:
     except Exception as err:  # the published version is there; only its summary is missing
         return f"published {uri} (no summary: {err})"
     counts, stats = manifest.get("counts", {}), manifest.get("stats", {})
+    program = sys.argv[0] if os.path.basename(sys.argv[0]) == "distillery" else "distillery"  # as it was called (.venv/bin/distillery)
+    if os.path.isabs(program) and program.startswith(os.getcwd() + os.sep):
+        program = os.path.relpath(program)
     lines = [f"published {name} {version}: {counts.get('published', '?')} rows from {counts.get('input', '?')} input rows ({counts.get('rejected', 0)} rejected, each with its reason)"]
     if stats.get("samples_generated"):
         share = stats.get("correct_share")
@@ -99,8 +102,8 @@ def _run_summary(uri: str, store: str) -> str:
             + (f", {stats['generation_tokens_per_second']:.0f} output tok/s" if stats.get("generation_tokens_per_second") else "")
         )
     lines.append(f"  data:      {uri}/data")
-    lines.append(f"  card:      distillery datasets show {name} {version} --store {shlex.quote(store)}")
-    lines.append(f"  dashboard: distillery ui --store {shlex.quote(store)}")
+    lines.append(f"  card:      {program} datasets show {name} {version} --store {shlex.quote(store)}")
+    lines.append(f"  dashboard: {program} ui --store {shlex.quote(store)}")
     return "\n".join(lines)
 
 

@@ -39,7 +39,8 @@ def test_a_problems_next_round_goes_out_while_other_shards_generate(scripted, tm
             waited.append(second_round_asked.wait(WAIT_S))  # the shard stays in flight until then
         return distinct_text(f"{seed_id}-{index}", answers[ids.index(seed_id)])
 
-    uri, manifest = run_flow(RECIPE, tmp_path / "store", SETS)
+    store = tmp_path / "store"
+    uri, manifest = run_flow(RECIPE, store, SETS)
 
     assert waited == [True], "the second round waited for every first-round shard (a round barrier)"
     budget = recipe.generation.adaptive.max_samples
@@ -58,3 +59,12 @@ def test_a_problems_next_round_goes_out_while_other_shards_generate(scripted, tm
         (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["generation-progress"])), limit=1)
     assert artifact.type == "progress" and float(artifact.data) == 100.0
     assert f"{budget + 12}/{budget + 12} requests" in artifact.description
+
+    # the lines a run ends with (distillery run prints them before the URI)
+    from distillery.cli import run_summary
+
+    summary = run_summary(str(uri), str(store)).splitlines()
+    published = manifest["counts"]["published"]
+    assert summary[0] == f"published rewards-best-of-n {uri.name}: {published} rows from 4 input rows ({manifest['counts']['rejected']} rejected, each with its reason)"
+    assert summary[1].startswith(f"  samples: {budget + 12} generated, {manifest['stats']['samples_correct']} verified correct (")
+    assert summary[2:] == [f"  data:      {uri}/data", f"  card:      distillery datasets show rewards-best-of-n {uri.name} --store {store}", f"  dashboard: distillery ui --store {store}"]
