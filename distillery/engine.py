@@ -324,7 +324,9 @@ class VLLMEngine(_OwnsEngineCore):
         self.llm = self._start()
         self.tokenizer = self.llm.get_tokenizer()
         self.max_in_flight = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
-        self._turns = None if engine.continuous_batching else threading.Lock()
+        # False: the calls take turns, one batch at a time (may be changed between calls)
+        self.continuous_batching = engine.continuous_batching
+        self._turns = threading.Lock()
         self.loop = EngineLoop(self.llm, self._restarted)
 
     def _restarted(self):
@@ -387,7 +389,7 @@ class VLLMEngine(_OwnsEngineCore):
         # A ``response_prefix`` starts the assistant's turn (e.g. "Score:"), and the model goes on from it.
         prompts = [self.render(r["messages"]) + r.get("response_prefix", "") for r in requests]
         seeds = [r["sampling_seed"] for r in requests]
-        if self._turns is not None:
+        if not self.continuous_batching:
             with self._turns:
                 results = self._generate(prompts, seeds, sampling)
         else:

@@ -126,6 +126,7 @@ SLOWEST_FIRST = (
     "tests/flows/test_rewards_flow.py",
     "tests/flows/test_actor_failure.py",
     "tests/flows/test_synthesize_flow.py",
+    "tests/flows/test_served_backend.py",
     "tests/test_deployments.py",
 )
 

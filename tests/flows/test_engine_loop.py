@@ -36,25 +36,30 @@ def _at_once(engine: VLLMEngine) -> dict[int, list[dict]]:
     return results
 
 
-@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "one-call-at-a-time"])
-def test_calls_at_once_share_the_batch(embedded_model, continuous):
-    with VLLMEngine(str(embedded_model), EngineConfig(max_model_len=512, max_in_flight=64, continuous_batching=continuous)) as engine:
+def test_calls_at_once_share_the_batch(embedded_model):
+    with VLLMEngine(str(embedded_model), EngineConfig(max_model_len=512, max_in_flight=64)) as engine:
         assert engine.capacity() == 64  # engine.max_in_flight is vLLM's max_num_seqs
-        results = _at_once(engine)
-        stats = engine.progress()
+        for continuous in (True, False):  # engine.continuous_batching, on the same engine
+            engine.continuous_batching = continuous
+            before = engine.progress()
+            engine.loop.peak_in_flight = 0
+            results = _at_once(engine)
+            stats = engine.progress()
 
-        assert sorted(results) == list(range(CALLS))
-        for k, got in results.items():  # each call's results, in its requests' order
-            assert len(got) == PER_CALL and all(r["error"] is None and r["completion"] for r in got)
-            assert [f"What is {k} + {i}?" in r["prompt"] for i, r in enumerate(got)] == [True] * PER_CALL
-        assert stats["submitted"] == stats["done"] == CALLS * PER_CALL and stats["in_flight"] == 0
-        assert stats["tokens"] == sum(r["num_tokens"] for got in results.values() for r in got)
-        if continuous:  # the calls' requests were in the engine together
-            assert stats["peak_in_flight"] > PER_CALL
-        else:
-            assert stats["peak_in_flight"] == PER_CALL
+            assert sorted(results) == list(range(CALLS))
+            for k, got in results.items():  # each call's results, in its requests' order
+                assert len(got) == PER_CALL and all(r["error"] is None and r["completion"] for r in got)
+                assert [f"What is {k} + {i}?" in r["prompt"] for i, r in enumerate(got)] == [True] * PER_CALL
+            assert stats["submitted"] - before["submitted"] == stats["done"] - before["done"] == CALLS * PER_CALL
+            assert stats["in_flight"] == 0
+            assert stats["tokens"] - before["tokens"] == sum(r["num_tokens"] for got in results.values() for r in got)
+            if continuous:  # the calls' requests were in the engine together
+                assert stats["peak_in_flight"] > PER_CALL
+            else:  # one call at a time
+                assert stats["peak_in_flight"] == PER_CALL
 
         # a prompt longer than max_model_len is refused by vLLM: that request fails, its batch does not
+        engine.continuous_batching = True
         long = _requests(9, 3)
         long[1] = {"messages": [{"role": "user", "content": "word " * 600}], "sampling_seed": 1}
         got = engine.generate(long, SAMPLING)

@@ -52,11 +52,14 @@ def test_a_problems_next_round_goes_out_while_other_shards_generate(scripted, tm
     assert (synth["rows_in"], synth["fanout"], synth["rows_out"]) == (4, budget, budget + 12)
 
     # the run's progress artifact, as the Prefect UI shows it: all requests done at the end
-    from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from uuid import UUID
 
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    this_run = ArtifactFilterFlowRunId(any_=[UUID(manifest["flow_run_id"])])  # other tests' runs made theirs too
     with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["generation-progress"])), limit=1)
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["generation-progress"]), flow_run_id=this_run))
     assert artifact.type == "progress" and float(artifact.data) == 100.0
     assert f"{budget + 12}/{budget + 12} requests" in artifact.description
 

@@ -71,7 +71,8 @@ def kill_server(proc: subprocess.Popen) -> None:
 
 def _run(store: Path, port: int, tmp: Path, stderr_lines: list[str], seen: threading.Event | None = None) -> subprocess.Popen:
     sets = [
-        "model.backend=openai", f"model.base_url=http://127.0.0.1:{port}/v1", "model.name=embedded", "model.max_concurrency=8",
+        # 30 retries (backoff to 30 s: about 13 min): a restart of vllm serve takes minutes on a busy machine
+        "model.backend=openai", f"model.base_url=http://127.0.0.1:{port}/v1", "model.name=embedded", "model.max_concurrency=8", "model.max_retries=30",
         f"seeds.builtin.count={PROBLEMS}", f"generation.samples_per_problem={SAMPLES}", "generation.max_tokens=96",
         "generation.shard_size=2", "verify.keep=all", "quality.require_final_answer=false", "quality.drop_truncated=false",
     ]
