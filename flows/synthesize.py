@@ -5,8 +5,9 @@ The pipeline, as the data flows (``_synthesize`` below):
 1. ingest the seeds (``tasks/ingest.py``; GLAN: the taxonomy);
 2. the recipe's synthesis strategy, if any (``flows/strategies/``: evolve, self-instruct, GLAN,
    difficulty) turns them into the problems;
-3. sample (``flows/sampling.py``): each shard of problems generated on the vLLM engines (Ray
-   actors, started once per run), verified on a Ray worker, and spilled to local disk as it finishes;
+3. sample (``flows/sampling.py``): shards of problems generated on the vLLM engines (Ray actors,
+   started once per run, each batching all the shards it holds) or on a served model
+   (``model.backend: openai``), each verified on a Ray worker and spilled to local disk as it finishes;
 4. per problem shard: the strategy's labels, then score (``tasks/score.py``) and the shared
    curation path (``flows/curation.py``: quality, decontaminate, spilled for dedup);
 5. dedup over every shard; per shard again: select (best-of-N, difficulty) and preference pairs;
