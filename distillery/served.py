@@ -158,12 +158,14 @@ class ServedModel:
                 delay = wait if wait is not None else backoff(attempt + 1)
                 run_logger(__name__).warning("served model %s: %s; retrying in %.1fs (%d of %d)", self.cfg.name, last, delay, attempt + 1, self.cfg.max_retries)
                 self._sleep(delay)
+        return self._failed(f"the served model failed after {attempt + 1} attempt(s): {last}", prompt)
+
+    def _failed(self, message: str, prompt: str) -> dict[str, Any]:
+        """An error result (a ``generation_error`` reject), counted as done and as an error."""
         with self._lock:
             self.counts["errors"] += 1
             self.counts["done"] += 1
-        result = error_result(f"the served model failed after {attempt + 1} attempt(s): {last}")
-        result["prompt"] = prompt
-        return result
+        return {**error_result(message), "prompt": prompt}
 
     def _result(self, response, prompt: str) -> dict[str, Any]:
         try:
@@ -172,12 +174,7 @@ class ServedModel:
             text = choice["message"]["content"]
             usage = data.get("usage") or {}
         except (ValueError, KeyError, IndexError, TypeError) as err:
-            with self._lock:
-                self.counts["errors"] += 1
-                self.counts["done"] += 1
-            result = error_result(f"the served model answered something that is not a chat completion ({type(err).__name__}: {err})")
-            result["prompt"] = prompt
-            return result
+            return self._failed(f"the served model answered something that is not a chat completion ({type(err).__name__}: {err})", prompt)
         tokens, prompt_tokens = int(usage.get("completion_tokens") or 0), int(usage.get("prompt_tokens") or 0)
         with self._lock:
             self.counts["done"] += 1
