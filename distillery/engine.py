@@ -181,7 +181,7 @@ class EngineLoop:
     waiting instead of draining to the slowest request of one call.
 
     Only this thread touches the engine (vLLM's ``LLMEngine`` is not thread-safe). A request the
-    engine refuses (``enqueue`` raises, e.g. a prompt longer than ``max_model_len``) fails alone;
+    engine refuses (``add_request`` raises, e.g. a prompt longer than ``max_model_len``) fails alone;
     a step that raises fails every request in flight, and a dead engine core is started again
     (``restart``) before the loop goes on."""
 
