@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?= -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: install model run test test-fast lock clean bench bench-generation bench-cpu bench-dedup bench-curate bench-synthesize
+.PHONY: install model run test test-fast lock clean bench bench-generation bench-cpu bench-dedup bench-curate bench-synthesize bench-structured
 
 $(STAMP): pyproject.toml requirements-cpu.lock
 	$(PYTHON) -m venv $(VENV)
@@ -55,7 +55,11 @@ lock: install
 clean:
 	rm -rf $(VENV) store
 
-bench: bench-generation
+bench: bench-generation bench-structured
+
+# parse failures of the judge and of GLAN's syllabus with and without constrained decoding (bench/results/structured_output.json)
+bench-structured: model
+	$(PY) bench/structured_output.py
 
 # the pipeline's generation (engines on Ray) against bare vLLM LLM.generate on 512 mixed-length requests (bench/results/generation.json)
 bench-generation: model

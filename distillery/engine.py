@@ -29,6 +29,7 @@ down to single requests, and a request that still kills it becomes an error resu
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections import Counter
@@ -67,6 +68,9 @@ def _actor_errors() -> tuple[type[BaseException], ...]:
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     return (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+STOPPED = "the engine stopped the request:"  # vLLM refused this request itself: sending it again would not help
 
 
 def error_result(message: str) -> dict[str, Any]:
@@ -114,10 +118,22 @@ class SamplingSettings:
     temperature: float
     top_p: float
     max_tokens: int
+    # Constrained decoding: canonical JSON in vLLM's names ({"json": schema} / {"regex": ...} /
+    # {"choice": [...]}, schemas.recipe.StructuredOutput.spec); None: free text.
+    structured: str | None = None
 
     @staticmethod
     def from_config(cfg: GenerationConfig) -> SamplingSettings:
-        return SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens)
+        structured = cfg.structured_output.spec() if cfg.structured_output is not None else None
+        return SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens, structured)
+
+    def vllm_params(self, seed: int):
+        """vLLM's ``SamplingParams`` for one request."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        structured = StructuredOutputsParams(**json.loads(self.structured)) if self.structured else None
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, seed=seed, structured_outputs=structured)
 
 
 def resolve_engine_dtype(engine: EngineConfig, model_path: str | None = None, flags=None) -> tuple[str, str]:
@@ -361,18 +377,19 @@ class VLLMEngine(_OwnsEngineCore):
 
     def _generate(self, prompts: list[str], seeds: list[int], sampling: SamplingSettings) -> list[dict[str, Any]]:
         """One result per prompt; a request that fails is an error result, the others come back."""
-        from vllm import SamplingParams
-
-        params = [
-            SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=s)
-            for s in seeds
-        ]
+        params = [sampling.vllm_params(s) for s in seeds]
         results = []
         for future in self.loop.submit(prompts, params):
             try:
                 out = future.result()
             except Exception as err:
                 results.append(error_result(f"{type(err).__name__}: {err}"))
+                continue
+            if out.outputs[0].finish_reason in ("abort", "error"):
+                # vLLM finishes a request it could not run with no text, e.g. a structured-output
+                # grammar that did not compile: an error, never an empty completion
+                why = " (its structured-output constraint did not compile: see the engine's log)" if sampling.structured else ""
+                results.append(error_result(f"{STOPPED} finish_reason {out.outputs[0].finish_reason}{why}"))
                 continue
             results.append({
                 "completion": out.outputs[0].text,
@@ -397,7 +414,7 @@ class VLLMEngine(_OwnsEngineCore):
         # A step that failed failed every request in flight, not only the one that made it fail:
         # those are sent again one by one, and only a request that fails alone stays an error.
         for i, result in enumerate(results):
-            if result["error"] is not None and len(requests) > 1:
+            if result["error"] is not None and len(requests) > 1 and not result["error"].startswith(STOPPED):
                 results[i] = self._generate([prompts[i]], [seeds[i]], sampling)[0]
         for prompt, result in zip(prompts, results, strict=True):
             result["prompt"] = prompt

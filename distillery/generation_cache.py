@@ -59,6 +59,8 @@ def request_key(model: dict[str, str], prompt: str, sampling: SamplingSettings, 
         "max_tokens": sampling.max_tokens,
         "seed": seed,
     }
+    if sampling.structured is not None:  # only then: keys of free-text requests stay what they were
+        material["structured"] = sampling.structured
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 

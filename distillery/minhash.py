@@ -22,23 +22,31 @@ from __future__ import annotations
 
 from functools import cache
 
-import numba
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from datasketch import MinHash
-from datasketch.minhash import _FMIX_CONSTANTS
 
 MAX_HASH = np.uint32(0xFFFFFFFF)
+
+
+@cache
+def _kernels():
+    """The numba kernels (``distillery.minhash_kernels``), compiled or loaded from numba's cache on
+    first use: importing numba (llvmlite) and datasketch costs seconds that a process which never
+    computes a signature (the CLI failing early, a driver that only dedups on workers) skips."""
+    from distillery import minhash_kernels
+
+    return minhash_kernels
 _FNV_OFFSET = np.uint32(2166136261)
 _FNV_PRIME = np.uint32(16777619)
-_S1, _M1, _S2, _M2, _S3 = (int(c) for c in _FMIX_CONSTANTS[32])
 HASH_SCHEME = "affine32; shingle = fnv1a32 over fnv1a32(utf-8) of words"
 
 
 @cache
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """datasketch's own (a, b) for this num_perm and seed."""
+    from datasketch import MinHash
+
     a, b = MinHash(num_perm=num_perm, seed=seed).permutations
     return np.ascontiguousarray(a, dtype=np.uint64), np.ascontiguousarray(b, dtype=np.uint64)
 
@@ -83,101 +91,14 @@ def _token_lists(texts: pl.Series) -> pl.Series:
     return pl.select(pl.when(words == "").then(empty).otherwise(words.str.split(" "))).to_series()
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _fnv_words(data, offsets, out):  # pragma: no cover - compiled
-    for k in numba.prange(out.size):
-        h = np.uint64(2166136261)
-        for i in range(offsets[k], offsets[k + 1]):
-            h = ((h ^ np.uint64(data[i])) * np.uint64(16777619)) & np.uint64(0xFFFFFFFF)
-        out[k] = np.uint32(h)
-
-
 def _word_hashes(words: pl.Series) -> np.ndarray:
     """FNV-1a of every word's UTF-8 bytes, straight from the Arrow buffers."""
     data, offsets = _arrow_bytes(words)
     out = np.empty(len(words), dtype=np.uint32)
-    _fnv_words(data, offsets, out)
+    _kernels()._fnv_words(data, offsets, out)
     return out
 
 
-_MASK = np.uint64(0xFFFFFFFF)
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _minhash_kernel(words, offsets, ngram, a, b, out):  # pragma: no cover - compiled
-    # numba widens integer arithmetic to 64 bits, so every 32-bit step is masked explicitly.
-    n_docs = offsets.size - 1
-    num_perm = a.size
-    s1, m1, s2, m2, s3 = np.uint64(_S1), np.uint64(_M1), np.uint64(_S2), np.uint64(_M2), np.uint64(_S3)
-    for d in numba.prange(n_docs):
-        start = offsets[d]
-        length = offsets[d + 1] - start
-        mins = np.full(num_perm, np.uint64(0xFFFFFFFF), dtype=np.uint64)
-        if length > 0:
-            width = ngram if length >= ngram else length
-            for s in range(length - width + 1):
-                h = np.uint64(2166136261)
-                for w in range(width):
-                    h = ((h ^ np.uint64(words[start + s + w])) * np.uint64(16777619)) & _MASK
-                h = h ^ (h >> s1)
-                h = (h * m1) & _MASK
-                h = h ^ (h >> s2)
-                h = (h * m2) & _MASK
-                h = h ^ (h >> s3)
-                for p in range(num_perm):
-                    v = (a[p] * h + b[p]) & _MASK
-                    if v < mins[p]:
-                        mins[p] = v
-        for p in range(num_perm):
-            out[d, p] = np.uint32(mins[p])
-
-
-@numba.njit(cache=True, nogil=True)
-def _shingle_hashes(words, offsets, ngram, out_offsets, out):  # pragma: no cover - compiled
-    for d in range(offsets.size - 1):
-        start = offsets[d]
-        length = offsets[d + 1] - start
-        o = out_offsets[d]
-        if length == 0:
-            continue
-        width = ngram if length >= ngram else length
-        for s in range(length - width + 1):
-            h = np.uint64(2166136261)
-            for w in range(width):
-                h = ((h ^ np.uint64(words[start + s + w])) * np.uint64(16777619)) & _MASK
-            out[o + s] = h
-        out[o : o + length - width + 1].sort()
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _pair_jaccard(hashes, offsets, left, right, out):  # pragma: no cover - compiled
-    for k in numba.prange(left.size):
-        a0, a1 = offsets[left[k]], offsets[left[k] + 1]
-        b0, b1 = offsets[right[k]], offsets[right[k] + 1]
-        inter = 0
-        union = 0
-        i, j = a0, b0
-        prev_a, prev_b = np.uint64(0xFFFFFFFFFFFFFFFF), np.uint64(0xFFFFFFFFFFFFFFFF)
-        while i < a1 or j < b1:
-            if i < a1 and hashes[i] == prev_a:  # skip repeated shingles: sets, not bags
-                i += 1
-                continue
-            if j < b1 and hashes[j] == prev_b:
-                j += 1
-                continue
-            if j >= b1 or (i < a1 and hashes[i] < hashes[j]):
-                prev_a = hashes[i]
-                i += 1
-            elif i >= a1 or hashes[j] < hashes[i]:
-                prev_b = hashes[j]
-                j += 1
-            else:
-                inter += 1
-                prev_a, prev_b = hashes[i], hashes[j]
-                i += 1
-                j += 1
-            union += 1
-        out[k] = inter / union if union else 1.0
 
 
 def exact_jaccard(texts: pl.Series, pairs: np.ndarray, *, ngram: int) -> np.ndarray:
@@ -192,10 +113,10 @@ def exact_jaccard(texts: pl.Series, pairs: np.ndarray, *, ngram: int) -> np.ndar
     out_offsets = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=out_offsets[1:])
     hashes = np.empty(out_offsets[-1], dtype=np.uint64)
-    _shingle_hashes(words, offsets, np.int64(ngram), out_offsets, hashes)
+    _kernels()._shingle_hashes(words, offsets, np.int64(ngram), out_offsets, hashes)
     local = inverse.reshape(-1, 2).astype(np.int64)
     out = np.empty(len(pairs))
-    _pair_jaccard(hashes, out_offsets, np.ascontiguousarray(local[:, 0]), np.ascontiguousarray(local[:, 1]), out)
+    _kernels()._pair_jaccard(hashes, out_offsets, np.ascontiguousarray(local[:, 0]), np.ascontiguousarray(local[:, 1]), out)
     return out
 
 
@@ -206,46 +127,6 @@ for _c in range(256):
         _ASCII_WORD[_c] = 255
     elif chr(_c).isalnum() or _c == 95:
         _ASCII_WORD[_c] = ord(chr(_c).lower())
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _ascii_word_counts(data, offsets, lut, counts, is_ascii):  # pragma: no cover - compiled
-    for d in numba.prange(offsets.size - 1):
-        n, prev, ok = 0, 0, True
-        for i in range(offsets[d], offsets[d + 1]):
-            c = lut[data[i]]
-            if c == 255:
-                ok = False
-                break
-            if c != 0 and prev == 0:
-                n += 1
-            prev = c
-        counts[d] = n if ok else 0
-        is_ascii[d] = ok
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _ascii_word_fill(data, offsets, lut, is_ascii, out_offsets, out):  # pragma: no cover - compiled
-    # For ASCII text, NFKC changes nothing and the table lower-cases and finds \w bytes.
-    for d in numba.prange(offsets.size - 1):
-        if not is_ascii[d]:
-            continue
-        k = out_offsets[d]
-        h = np.uint64(0)
-        in_word = False
-        for i in range(offsets[d], offsets[d + 1]):
-            c = lut[data[i]]
-            if c != 0:
-                if not in_word:
-                    h = np.uint64(2166136261)
-                    in_word = True
-                h = ((h ^ np.uint64(c)) * np.uint64(16777619)) & np.uint64(0xFFFFFFFF)
-            elif in_word:
-                out[k] = np.uint32(h)
-                k += 1
-                in_word = False
-        if in_word:
-            out[k] = np.uint32(h)
 
 
 def _arrow_bytes(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -265,7 +146,7 @@ def document_words(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     data, offsets = _arrow_bytes(texts)
     counts = np.empty(len(texts), dtype=np.int64)
     is_ascii = np.empty(len(texts), dtype=np.bool_)
-    _ascii_word_counts(data, offsets, _ASCII_WORD, counts, is_ascii)
+    _kernels()._ascii_word_counts(data, offsets, _ASCII_WORD, counts, is_ascii)
     others = np.flatnonzero(~is_ascii)
     other_lists = _token_lists(texts.gather(others)) if len(others) else None
     if other_lists is not None:
@@ -273,7 +154,7 @@ def document_words(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     word_offsets = np.zeros(len(texts) + 1, dtype=np.int64)
     np.cumsum(counts, out=word_offsets[1:])
     words = np.empty(word_offsets[-1], dtype=np.uint32)
-    _ascii_word_fill(data, offsets, _ASCII_WORD, is_ascii, word_offsets, words)
+    _kernels()._ascii_word_fill(data, offsets, _ASCII_WORD, is_ascii, word_offsets, words)
     if other_lists is not None:
         flat = other_lists.explode().drop_nulls()
         if len(flat):
@@ -290,7 +171,7 @@ def signatures(texts: pl.Series | list[str], *, num_perm: int = 128, ngram: int 
     out = np.empty((len(texts), num_perm), dtype=np.uint32)
     for start in range(0, len(texts), batch_size):
         words, offsets = document_words(texts.slice(start, batch_size))
-        _minhash_kernel(words, offsets, np.int64(ngram), a, b, out[start : start + offsets.size - 1])
+        _kernels()._minhash_kernel(words, offsets, np.int64(ngram), a, b, out[start : start + offsets.size - 1])
     return out
 
 
@@ -302,21 +183,11 @@ def optimal_bands(threshold: float, num_perm: int, *, false_negative_weight: flo
     return _optimal_param(threshold, num_perm, 1 - false_negative_weight, false_negative_weight)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _band_keys_kernel(sigs, bands, rows, out):  # pragma: no cover - compiled
-    for d in numba.prange(sigs.shape[0]):
-        for band in range(bands):
-            k = np.uint64(1469598103934665603) + np.uint64(band)
-            for r in range(rows):
-                k = (k ^ np.uint64(sigs[d, band * rows + r])) * np.uint64(1099511628211)
-            out[d, band] = k
-
-
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """``(n, bands)`` uint64 keys: two documents share a key in band i iff their rows there agree
     (up to 64-bit hash collisions)."""
     keys = np.empty((sigs.shape[0], bands), dtype=np.uint64)
-    _band_keys_kernel(np.ascontiguousarray(sigs), np.int64(bands), np.int64(rows), keys)
+    _kernels()._band_keys_kernel(np.ascontiguousarray(sigs), np.int64(bands), np.int64(rows), keys)
     return keys
 
 

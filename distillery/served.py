@@ -27,8 +27,12 @@ import email.utils
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from distillery.engine import SamplingSettings, error_result
@@ -129,6 +133,8 @@ class ServedModel:
             body["messages"] = [*messages, {"role": "assistant", "content": request["response_prefix"]}]
             body["continue_final_message"] = True  # vLLM: go on from the prefix, in the assistant's turn
             body["add_generation_prompt"] = False
+        if sampling.structured is not None:
+            body.update(structured_body(sampling.structured))
         return body
 
     def _one(self, request: dict[str, Any], sampling: SamplingSettings) -> dict[str, Any]:
@@ -202,7 +208,59 @@ class ServedModel:
         return {"name": self.cfg.name, "endpoint": redact_uri(self.base_url), **described}
 
 
+def structured_body(spec: str) -> dict[str, Any]:
+    """A constraint (``SamplingSettings.structured``) as request fields: a JSON schema as OpenAI's
+    ``response_format`` (which vLLM, SGLang and hosted APIs read), a regex or a choice as vLLM's
+    ``structured_outputs`` (no OpenAI field exists for them)."""
+    constraint = json.loads(spec)
+    if "json" in constraint:
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": constraint["json"], "strict": True}}}
+    return {"structured_outputs": constraint}
+
+
 def render_request(request: dict[str, Any]) -> str:
     """The prompt as the cache keys it for a served model: the messages and response prefix as
     canonical JSON (the server applies its own chat template, which this side cannot see)."""
     return json.dumps({"messages": request["messages"], "response_prefix": request.get("response_prefix", "")}, sort_keys=True, ensure_ascii=False)
+
+
+# -- a local vLLM server (the tests' and bench/served.py's endpoint) ------------------------------
+
+
+def start_server(model_dir: Path, port: int, log: Path, timeout_s: float = 300) -> subprocess.Popen:
+    """``vllm serve`` of a local model folder on 127.0.0.1:``port``, served as "embedded" (its
+    module: the CPU wheel's ``vllm`` script looks for a package named vllm), with the CPU settings
+    the run's own engines use, in a session of its own; returns once /health answers."""
+    import httpx
+
+    from distillery.hardware import cpu_engine_env
+
+    env = {**os.environ, **cpu_engine_env(1), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", "embedded",
+        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--enforce-eager",
+        # as the run's CPU engines: per-request seeds need whole prompts per step on vLLM 0.32's CPU build
+        "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096",
+    ]
+    proc = subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"vllm serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise AssertionError(f"vllm serve did not answer /health in {timeout_s:g} s:\n{log.read_text()[-3000:]}")
+
+
+def kill_server(proc: subprocess.Popen) -> None:
+    """SIGKILL the server and its engine-core process (its own session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)

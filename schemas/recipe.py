@@ -303,6 +303,51 @@ class BuiltinSeeds(_Strict):
     seed: int = 0
 
 
+MAX_STRUCTURED_CHARS = 20_000  # a JSON schema or regex from a recipe: the grammar compiler's input
+_UNSUPPORTED_REGEX = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=")  # (?=, (?!, (?<=, (?<!, \1, (?P=name)
+
+
+class StructuredOutput(_Strict):
+    """Constrained decoding: every output matches exactly one of these. On the vLLM engines it is
+    vLLM's structured outputs (``StructuredOutputsParams``); on an OpenAI-compatible endpoint a JSON
+    schema goes as ``response_format`` and a regex or choice as vLLM's ``structured_outputs``."""
+
+    json_schema: dict[str, Any] | None = None  # a JSON Schema object, e.g. {"type": "object", ...}
+    regex: str | None = Field(None, min_length=1, max_length=MAX_STRUCTURED_CHARS)
+    choice: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutput:
+        given = [k for k in ("json_schema", "regex", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            msg = f"give exactly one of json_schema, regex or choice (got {', '.join(given) or 'none'})"
+            raise ValueError(msg)
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as err:
+                raise ValueError(f"regex {self.regex[:80]!r} does not compile: {err}") from None
+            if _UNSUPPORTED_REGEX.search(self.regex):
+                msg = f"regex {self.regex[:80]!r}: look-arounds and backreferences cannot constrain decoding (vLLM's grammar compilers refuse them)"
+                raise ValueError(msg)
+        if self.json_schema is not None:
+            text = json.dumps(self.json_schema)
+            if len(text) > MAX_STRUCTURED_CHARS:
+                raise ValueError(f"json_schema is {len(text)} characters as JSON; at most {MAX_STRUCTURED_CHARS}")
+            if not isinstance(self.json_schema.get("type", "object"), (str, list)):
+                raise ValueError("json_schema: 'type' must be a JSON Schema type name (e.g. \"object\")")
+        return self
+
+    def spec(self) -> str:
+        """Canonical JSON of the constraint, in vLLM's own names (``json``/``regex``/``choice``):
+        what ``SamplingSettings.structured`` carries and the generation cache keys by."""
+        if self.json_schema is not None:
+            return json.dumps({"json": self.json_schema}, sort_keys=True)
+        if self.regex is not None:
+            return json.dumps({"regex": self.regex})
+        return json.dumps({"choice": self.choice})
+
+
 class SeedsConfig(_Strict):
     path: str | None = None  # local path or s3://bucket/key (JSONL or Parquet)
     builtin: BuiltinSeeds | None = None
@@ -440,6 +485,9 @@ class GlanConfig(_Strict):
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     syllabus_max_tokens: int = Field(256, ge=1)
+    # Constrained decoding holds a syllabus to `sessions` numbered lines, so that none comes back
+    # with sessions missing ("short_syllabus"); False: free text, parsed for list items.
+    constrained: bool = True
     question_max_tokens: int = Field(160, ge=1)
     min_chars: int = Field(20, ge=1)
     max_chars: int = Field(1000, ge=20)
@@ -494,6 +542,8 @@ class GenerationConfig(_Strict):
     # Sample in rounds of samples_per_problem until a problem has target_correct verified
     # samples or max_samples were drawn for it (None: one round of samples_per_problem).
     adaptive: AdaptiveConfig | None = None
+    # Constrain every sample to a JSON schema, a regex or a list of choices (None: free text).
+    structured_output: StructuredOutput | None = None
     # Keep every result in the store's generation cache (keyed by model, rendered prompt, sampling
     # and seed) and answer repeated requests from it: distillery/generation_cache.py.
     cache: bool = True
@@ -522,6 +572,9 @@ class JudgeConfig(_Strict):
     response_prefix: str = "Score:"
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0)
+    # Constrained decoding holds the reply to the score's form ('Score: N', N in 1..10), so that
+    # no reply is unparseable (distillery/stages/score.py: judge_constraint). False: free text.
+    constrained: bool = True
 
     @field_validator("template")
     @classmethod

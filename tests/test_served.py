@@ -3,60 +3,16 @@ the way endpoints fail: 429 with ``Retry-After``, 5xx, a 4xx that must not be re
 that is not a chat completion, a connection refused. The waits are recorded, not slept.
 (tests/flows/test_served_backend.py runs the whole pipeline against a real ``vllm serve``.)"""
 
-import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from distillery.engine import SamplingSettings
 from distillery.served import MissingKey, ServedModel, backoff, render_request, retry_after
-from schemas.recipe import ModelConfig
+from schemas.recipe import ModelConfig, StructuredOutput
+from tests.openai_endpoint import Endpoint
 
 SAMPLING = SamplingSettings(temperature=0.5, top_p=0.9, max_tokens=20)
-
-
-class Endpoint(ThreadingHTTPServer):
-    """Answers each POST with the next scripted reply for its question (then 200s)."""
-
-    def __init__(self, script: dict[str, list[tuple[int, dict, str]]]) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.script, self.seen, self.lock = script, [], threading.Lock()
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # quiet
-        pass
-
-    def _send(self, status: int, headers: dict, body: str) -> None:
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body.encode())))
-        self.end_headers()
-        self.wfile.write(body.encode())
-
-    def do_GET(self):
-        self._send(200, {"Content-Type": "application/json"}, json.dumps({"data": [{"id": "m", "root": "/models/m", "owned_by": "vllm"}]}))
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        question = body["messages"][-1]["content"] if body["messages"][-1]["role"] == "user" else body["messages"][-2]["content"]
-        with self.server.lock:
-            self.server.seen.append({"body": body, "auth": self.headers.get("Authorization")})
-            replies = self.server.script.get(question, [])
-            reply = replies.pop(0) if replies else None
-        if reply is not None:
-            self._send(*reply)
-            return
-        answer = {"choices": [{"message": {"content": f"echo {question}"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
-        self._send(200, {"Content-Type": "application/json"}, json.dumps(answer))
 
 
 def _model(url: str, **kw) -> ModelConfig:
@@ -147,3 +103,22 @@ def test_helpers():
     assert all(0.375 <= backoff(1) <= 0.625 for _ in range(20)) and backoff(20) <= 37.5
     a = render_request(_req("q"))
     assert a == render_request(_req("q", seed=9)) and a != render_request(_req("q", response_prefix="Score:"))  # the seed is keyed apart
+
+
+def test_structured_output_goes_as_response_format_or_structured_outputs():
+    server = Endpoint({})
+    served = ServedModel(_model(server.url))
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    try:
+        for constraint in ({"json_schema": schema}, {"regex": "Score: (10|[1-9])"}, {"choice": ["yes", "no"]}, None):
+            spec = StructuredOutput(**constraint).spec() if constraint else None
+            served.generate(0, [_req("constrained?")], SamplingSettings(0.5, 0.9, 20, spec))
+    finally:
+        served.shutdown()
+        server.shutdown()
+    bodies = [seen["body"] for seen in server.seen]
+    assert bodies[0]["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}
+    assert "structured_outputs" not in bodies[0]
+    assert bodies[1]["structured_outputs"] == {"regex": "Score: (10|[1-9])"} and "response_format" not in bodies[1]
+    assert bodies[2]["structured_outputs"] == {"choice": ["yes", "no"]}
+    assert "response_format" not in bodies[3] and "structured_outputs" not in bodies[3]

@@ -47,11 +47,11 @@ import io
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
-from datasketch import MinHash, MinHashLSH
 
 from distillery.accounting import StageCount, StageResult, empty_rejects, rows_to_rejects
 from distillery.uri_io import StorageError, read_bytes
@@ -265,7 +265,7 @@ class BenchmarkIndex:
     short_hashes: dict[int, _KeySet]  # word count -> whole-text hashes of short items
     shingles: list[set[str]]
     shingle_hashes: _KeySet  # hashes of every item shingle
-    lsh: MinHashLSH = field(repr=False)
+    lsh: Any = field(repr=False)  # datasketch.MinHashLSH
     short_words: int = 0  # cfg.short_item_words (0: no short-item edit rule)
     max_edits: int = 0  # cfg.short_max_edits
     edit_allowed: dict[int, int] = field(default_factory=dict)  # short item -> word edits it allows (>= 1)
@@ -300,6 +300,8 @@ class BenchmarkIndex:
         _, _, shingle_hashes = spans.spans(SHINGLE)
         tiny = np.flatnonzero((spans.lengths > 0) & (spans.lengths < SHINGLE))
         b, r = lsh_params(cfg.near_threshold)
+        from datasketch import MinHash, MinHashLSH  # imported here: it loads scipy and numba (seconds)
+
         lsh = MinHashLSH(num_perm=NUM_PERM, params=(b, r))
         nonempty = [i for i, s in enumerate(shingles) if s]
         signatures = MinHash.bulk([[s.encode() for s in shingles[i]] for i in nonempty], num_perm=NUM_PERM, seed=MINHASH_SEED)
@@ -415,6 +417,8 @@ def _near_hits(index: BenchmarkIndex, column: str, norm: pl.Series, spans: _Span
         return {}
     texts = norm.gather(possible.tolist()).to_list()
     sets = [shingle_set(text.split(" ")) for text in texts]
+    from datasketch import MinHash
+
     signatures = MinHash.bulk([[s.encode() for s in shingle] for shingle in sets], num_perm=NUM_PERM, seed=MINHASH_SEED)
     found: dict[int, _Hit] = {}
     for row, shingle, signature in zip(possible.tolist(), sets, signatures, strict=True):

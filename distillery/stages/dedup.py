@@ -63,8 +63,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from distillery import minhash
 from distillery.accounting import StageCount, StageResult, empty_rejects, rows_to_rejects
@@ -73,6 +71,16 @@ from schemas.recipe import DedupConfig
 _PUNCT = re.compile(r"[^\w\s]")
 _SPACE = re.compile(r"\s+")
 
+
+def components(pairs: np.ndarray, n: int) -> np.ndarray:
+    """The connected component of each of ``n`` nodes, given edges ``pairs`` (k x 2): a cluster of
+    near-duplicates, transitively (scipy's ``connected_components``, imported on first use)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    pairs = pairs.reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
 def normalize_text(text: str) -> str:
     """Case, Unicode form, punctuation and white space do not make two texts different."""
@@ -125,10 +133,7 @@ def near_duplicate_clusters(
     if cfg.verify_candidates != "none":
         keep = similarity >= cfg.threshold
         pairs, similarity = pairs[keep], similarity[keep]
-    n = sigs.shape[0]
-    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n)) if len(pairs) else coo_matrix((n, n), dtype=np.int8)
-    _, labels = connected_components(graph, directed=False)
-    return labels, pairs, similarity
+    return components(pairs, sigs.shape[0]), pairs, similarity
 
 
 def priority_order(samples: pl.DataFrame) -> pl.DataFrame:
@@ -377,8 +382,7 @@ class ShardedDedup:
         edges = np.stack([codes // self.ids_end, codes % self.ids_end], axis=1)
         nodes, local = np.unique(edges, return_inverse=True)
         local = local.reshape(-1, 2)
-        graph = coo_matrix((np.ones(len(local), dtype=np.int8), (local[:, 0], local[:, 1])), shape=(nodes.size, nodes.size))
-        _, labels = connected_components(graph, directed=False)
+        labels = components(local, nodes.size)
         clusters, first = np.unique(labels, return_index=True)  # nodes ascend: a cluster's lowest id wins
         winner_of = np.empty(clusters.size, dtype=np.int64)
         winner_of[clusters] = nodes[first]

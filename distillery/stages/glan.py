@@ -19,6 +19,7 @@ Plain functions around whatever generates text:
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -113,6 +114,13 @@ def syllabus_requests(subjects: pl.DataFrame, cfg: GlanConfig, *, run_seed: int)
         }
         for row in subjects.iter_rows(named=True)
     ]
+
+
+def syllabus_constraint(sessions: int) -> str:
+    """The structured-output spec that holds a syllabus to ``sessions`` numbered lines ("1. ...",
+    each at least 3 characters). Unbounded line lengths: bounded ones ({3,200}) made xgrammar's
+    compile time explode past vLLM's 5 s limit."""
+    return json.dumps({"regex": "".join(rf"{k}\. [^\n]{{3}}[^\n]*\n" for k in range(1, sessions)) + rf"{sessions}\. [^\n]{{3}}[^\n]*\n?"})
 
 
 def parse_syllabus(text: str | None, limit: int) -> list[str]:

@@ -4,8 +4,9 @@
   rendered (question, completion) chat; ``reward`` is the probability of the "good" label.
 - LLM-as-judge: a rubric prompt (Jinja2, ``JUDGE_TEMPLATE``) through the generation engine;
   the judge's whole output is kept in ``judge_output``, the parsed 1-10 score in
-  ``judge_score``, and ``reward = judge_score / 10``. An output with no parsable score is a
-  reject (``judge_unparseable``), never a silent zero.
+  ``judge_score``, and ``reward = judge_score / 10``. By default (``score.judge.constrained``)
+  constrained decoding holds the reply to that form (``judge_constraint``); an output with no
+  parsable score is a reject (``judge_unparseable``), never a silent zero.
 
 Every score and the scorer that made it are columns (``reward``, ``reward_source``), so nothing
 about why a row was later kept or dropped is lost.
@@ -13,6 +14,7 @@ about why a row was later kept or dropped is lost.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -40,6 +42,13 @@ def parse_judge_score(text: str | None) -> float | None:
     found = [float(m) for m in _SCORE.findall(text)]
     found = [v for v in found if 1 <= v <= 10]
     return found[-1] if found else None
+
+
+def judge_constraint(response_prefix: str) -> str:
+    """The structured-output spec (``SamplingSettings.structured``) that holds a judge's reply,
+    after its ``response_prefix``, to the score's form: " 7" after "Score:", else "Score: 7"."""
+    ends_with_label = response_prefix.rstrip().lower().endswith("score:")
+    return json.dumps({"regex": (" ?" if ends_with_label else "Score: ?") + "(10|[1-9])"})
 
 
 def judge_requests(rows: pl.DataFrame, *, template: str = JUDGE_TEMPLATE, seed: int = 0, response_prefix: str = "") -> list[dict[str, Any]]:
@@ -140,7 +149,8 @@ class Scorer:
         from distillery.engine import SamplingSettings
 
         judge = self.cfg.judge
-        sampling = SamplingSettings(judge.temperature, 1.0, judge.max_tokens)
+        structured = judge_constraint(judge.response_prefix) if judge.constrained else None
+        sampling = SamplingSettings(judge.temperature, 1.0, judge.max_tokens, structured)
         results: list[dict] = []
         for start in range(0, rows.height, BATCH):
             requests = judge_requests(rows.slice(start, BATCH), template=judge.template or JUDGE_TEMPLATE, seed=self.seed, response_prefix=judge.response_prefix)

@@ -21,16 +21,25 @@ import logging
 import os
 import sys
 
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from functools import cache
 
-_CONFIG = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
 _MEMORY_HEADROOM = 1 << 30  # the worker may grow 1 GiB past its size after start-up
+
+
+@cache
+def _math_verify():
+    """math-verify and its extraction settings, imported on first use: it loads sympy (about 4 s
+    here), which a process that only passes this module's names on (the driver) never needs."""
+    import math_verify
+
+    return math_verify, [math_verify.LatexExtractionConfig(boxed_match_priority=0), math_verify.ExprExtractionConfig()]
 
 
 def parsed(value: str):
     # math-verify reads LaTeX inside delimiters and plain expressions; give it both chances.
-    found = parse(f"${value}$", extraction_config=_CONFIG, parsing_timeout=None)
-    return found or parse(value, extraction_config=_CONFIG, parsing_timeout=None)
+    mv, config = _math_verify()
+    found = mv.parse(f"${value}$", extraction_config=config, parsing_timeout=None)
+    return found or mv.parse(value, extraction_config=config, parsing_timeout=None)
 
 
 def unbounded_match(predicted: str, reference: str) -> bool:
@@ -41,7 +50,7 @@ def unbounded_match(predicted: str, reference: str) -> bool:
     if not gold or not pred:
         return False
     try:
-        return bool(verify(gold, pred, timeout_seconds=None))
+        return bool(_math_verify()[0].verify(gold, pred, timeout_seconds=None))
     except Exception:  # math-verify raises on exotic sympy objects; treat as not equal
         return False
 

@@ -8,7 +8,6 @@ usage; a second run is answered from the generation cache, keyed by the served m
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -16,10 +15,10 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import polars as pl
 import pytest
 
+from distillery.served import kill_server, start_server
 from tests.procs import wait_for_event_or_exit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,42 +30,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start_server(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    """``vllm serve`` (its module: the CPU wheel's ``vllm`` script looks for a package named vllm)
-    with the CPU settings the run's own engines use; returns once /health answers."""
-    from distillery.hardware import cpu_engine_env
-
-    env = {**os.environ, **cpu_engine_env(1), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", "embedded",
-        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--enforce-eager",
-        # as the run's CPU engines: per-request seeds need whole prompts per step on vLLM 0.32's CPU build
-        "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096",
-    ]
-    proc = subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"vllm serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise AssertionError(f"vllm serve did not answer /health in 300 s:\n{log.read_text()[-3000:]}")
-
-
-def kill_server(proc: subprocess.Popen) -> None:
-    """SIGKILL the server and its engine-core process (its own session)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(30)
 
 
 def _run(store: Path, port: int, tmp: Path, stderr_lines: list[str], seen: threading.Event | None = None) -> subprocess.Popen:

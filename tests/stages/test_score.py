@@ -3,11 +3,12 @@ model and the judge (those two are `slow`)."""
 
 import math
 import os
+import re
 
 import polars as pl
 import pytest
 
-from distillery.stages.score import judge_requests, parse_judge_score, with_judge_scores, with_rewards
+from distillery.stages.score import judge_constraint, judge_requests, parse_judge_score, with_judge_scores, with_rewards
 
 ROWS = pl.DataFrame(
     {
@@ -82,6 +83,9 @@ def test_judge_through_the_cpu_generation_engine():
     with VLLMEngine(str(resolve_model_path("embedded")), EngineConfig()) as engine:
         requests = judge_requests(ROWS, response_prefix="Score:")
         results = engine.generate(requests, SamplingSettings(temperature=0.0, top_p=1.0, max_tokens=48))
+        free_and_constrained = [
+            engine.generate(judge_requests(ROWS, response_prefix=""), SamplingSettings(0.0, 1.0, 48, spec)) for spec in (None, judge_constraint(""))
+        ]
     out = with_judge_scores(ROWS, results, response_prefix="Score:")
     # Started with "Score:", even the 135M model answers with a number (without it, it never did).
     assert out.kept.height >= 1 and all(o.startswith("Score:") for o in out.kept["judge_output"])
@@ -91,3 +95,10 @@ def test_judge_through_the_cpu_generation_engine():
         assert row["judge_score"] == parse_judge_score(row["judge_output"]) and row["reward"] == pytest.approx(row["judge_score"] / 10)
     # The embedded 135M model is a weak judge: print what it said, for the record.
     print([r["completion"] for r in results])
+    # With no response prefix the model writes freely and never says "Score: N" by itself;
+    # constrained decoding (score.judge.constrained, the default) holds it to that form.
+    free, held = free_and_constrained
+    assert with_judge_scores(ROWS, free).count.dropped.get("judge_unparseable", 0) >= 1, [r["completion"] for r in free]
+    constrained = with_judge_scores(ROWS, held)
+    assert constrained.count.dropped.get("judge_unparseable", 0) == 0 and constrained.kept.height == 2
+    assert all(re.fullmatch(r"Score: ?(10|[1-9])", o) for o in constrained.kept["judge_output"])
