@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?= -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: install model run test test-fast lock clean bench bench-generation bench-cpu bench-dedup bench-curate bench-synthesize bench-structured
+.PHONY: install model run test test-fast lock clean bench bench-generation bench-cpu bench-dedup bench-curate bench-synthesize bench-structured bench-served bench-scoring
 
 $(STAMP): pyproject.toml requirements-cpu.lock
 	$(PYTHON) -m venv $(VENV)
@@ -55,7 +55,15 @@ lock: install
 clean:
 	rm -rf $(VENV) store
 
-bench: bench-generation bench-structured
+bench: bench-generation bench-served bench-scoring bench-structured
+
+# the served backend (ServedModel) against vllm serve driven directly, same 512 requests (bench/results/served.json)
+bench-served: model
+	$(PY) bench/served.py
+
+# reward-model scoring in the pipeline (Scorer, a Ray actor) against bare LLM.classify (bench/results/scoring.json)
+bench-scoring: model
+	$(PY) bench/scoring.py
 
 # parse failures of the judge and of GLAN's syllabus with and without constrained decoding (bench/results/structured_output.json)
 bench-structured: model

@@ -25,6 +25,7 @@ RECIPE = "recipes/glan.yaml"
 SETS = [
     "glan.sessions=2",
     "glan.per_session=1",
+    "glan.constrained=false",  # free-text syllabi: the parser of numbered and bulleted lists, and short ones
     "glan.syllabus_max_tokens=128",
     "glan.question_max_tokens=96",
     "generation.samples_per_problem=2",
