@@ -206,6 +206,24 @@ def cmd_train_reward_model(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from distillery.formats import ExportError, export_version
+    from distillery.store import VersionNotFound, open_version
+
+    try:
+        store, manifest = open_version(args.version, what="export")
+        exported = export_version(store, manifest, args.out, fmt=args.format, test_share=args.test_share)
+    except ExportError as err:
+        return _fail(str(err), 2)
+    except (ValueError, VersionNotFound) as err:
+        return _fail(str(err), 1)
+    splits = ", ".join(f"{split} {n}" for split, n in exported.rows.items())
+    print(f"exported {manifest['dataset']} {manifest['version']} ({manifest.get('kind') or 'data'}): {splits} rows, {len(exported.files)} {args.format} files", file=sys.stderr)
+    print(f"  open it: datasets.load_dataset({str(exported.folder)!r})", file=sys.stderr)
+    print(exported.folder)
+    return 0
+
+
 def _store(args: argparse.Namespace):
     from distillery.store import Store
 
@@ -373,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     trm.add_argument("--base-model", default="embedded", help="the base model folder (default: embedded)")
     trm.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="the frozen body's dtype (default auto: bfloat16 on a CPU with native bfloat16, else float32)")
     trm.set_defaults(func=cmd_train_reward_model)
+
+    export = sub.add_parser("export", help="write a version as a folder trainers read (datasets.load_dataset(DIR)); prints the folder last")
+    export.add_argument("version", help="STORE/NAME (the latest version), STORE/NAME/vNNNN or STORE/NAME@TAG")
+    export.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    export.add_argument("--format", default="parquet", help="parquet (default) or jsonl")
+    export.add_argument("--test-share", type=float, help="split by problem: this share of problems in 'test' (default: the version's own split column, else all 'train')")
+    export.set_defaults(func=cmd_export)
 
     datasets = sub.add_parser("datasets", help="list, show, diff and tag published versions")
     datasets.add_argument("--store", default=default_store(), help="store URI (default: $DISTILLERY_STORE or ./store)")

@@ -20,6 +20,7 @@ from prefect.utilities.annotations import quote
 import distillery
 from distillery.accounting import StageCount
 from distillery.engine import start_ray
+from distillery.formats import with_split
 from distillery.lineage import LineageRecorder
 from distillery.logs import run_logger
 from distillery.stages.ingest import IngestBatches, conform
@@ -99,9 +100,15 @@ def curate_in_shards(
             logger.info("%s: %d -> %d rows, dropped %s", s.stage, s.rows_in, s.rows_out, s.dropped or "nothing")
 
         schema = batches.schema
+        share = recipe.publish.test_share
+        if share > 0:  # a problem-level split, as distillery run's (distillery/formats.py)
+            if "split" in schema:
+                msg = "publish.test_share: the input already has a `split` column; drop one or the other"
+                raise ValueError(msg)
+            schema = {**schema, "split": pl.Utf8}
         output = Output(spill / "publish", recipe.publish.shard_rows, contract="curated", schema=schema)
         for kept, signatures in curation.kept():  # the shards again, as local Parquet parts
-            output.add(conform(kept, schema), signatures)
+            output.add(conform(with_split(kept, share) if share > 0 else kept, schema), signatures)
         collapse = output.collapse(text, lambda: _texts(seed_files, text), recipe.collapse)
         published = output.publish(
             Store(store),

@@ -25,6 +25,7 @@ import json
 import tempfile
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -36,13 +37,15 @@ from prefect.utilities.annotations import quote
 
 import distillery
 from distillery.accounting import StageCount
-from distillery.engine import EnginePool, start_ray, with_resolved_dtype
+from distillery.formats import with_messages, with_prompt_messages, with_split
+from distillery.engine import EnginePool, SamplingSettings, in_shards, start_ray, with_resolved_dtype
 from distillery.generation_cache import CachedGenerator
 from distillery.lineage import LineageRecorder
 from distillery.model_setup import model_identity, resolve_model_path
 from distillery.served import ServedModel, render_request
 from distillery.uri_io import redact_uri
 from distillery.stages.score import Scorer
+from distillery.stages.step_labels import STAGE as STEP_STAGE
 from distillery.stages.select import pass_rates
 from distillery.store import Store
 from flows import strategies
@@ -52,6 +55,7 @@ from schemas.recipe import Recipe
 from tasks.ingest import ingest
 from tasks.score import score
 from tasks.select import pairs, select
+from tasks.step_labels import step_label
 
 # The test seam (the only one): a callable ``(model_path, engine, seed=...)`` that returns what
 # stands in for ``EnginePool``: ``generate(shard_index, requests, sampling)`` and ``shutdown()``,
@@ -118,6 +122,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     engine_stats: dict = {}
     gen_seconds = 0.0
 
+    steps = _label_steps(None, recipe, None, spill) if recipe.process_supervision.enabled else None  # replaced once there are samples
     if seeds.kept.height:  # else nothing valid to generate from: an empty, fully accounted version
         start_ray()
         if served:  # an OpenAI-compatible endpoint instead of the run's own engines
@@ -139,6 +144,8 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
             started, started_before = time.perf_counter(), pool.started_in or 0.0  # engine start-up time spent by the strategy
             if made.problems.height:
                 sampled = sample_in_rounds(generator, recipe, made.problems, lineage, samples)
+            if recipe.process_supervision.enabled:  # its rollouts run on the engines: label while they are up
+                steps = _label_steps(samples, recipe, generator, spill)
             gen_seconds = time.perf_counter() - started - ((pool.started_in or 0.0) - started_before)
             if recipe.score.method == "judge":  # the judge runs on the generation engines: score while they are up
                 score_stage = _score_and_curate(samples, made, sampled, strategy, recipe, scorer, curation)
@@ -196,7 +203,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
             pair_rejects.add(made_pairs.rejects)
             if made_pairs.kept.height:
                 pair_reasons.update(made_pairs.kept["reason"].to_list())
-            paired.add(made_pairs.kept)
+            paired.add(_training_columns(with_prompt_messages(made_pairs.kept, recipe.generation), recipe))
         considered += kept.height
         if selecting and kept.height:  # select keeps the rows' order
             chosen = select(kept, recipe.select, label)
@@ -208,6 +215,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
         for column in strategy.published_columns if strategy else ():
             if column in kept.columns:
                 published[column].update(kept[column].to_list())
+        kept = _training_columns(with_messages(kept, recipe.generation), recipe)
         output.add(kept, signatures.filter(pl.col("sample_id").is_in(kept["sample_id"].implode())) if kept.height else signatures.clear())
     stages = [
         seeds.count,
@@ -255,6 +263,8 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
 
     # 6. publish: the pairs (their own data set), then the samples
     companions = {}
+    if steps is not None:
+        companions["process_supervision"] = _publish_steps(store_, recipe, steps, run_id, metadata, recorder)
     if paired is not None:
         companions["preference_pairs"] = _publish_pairs(store_, recipe, paired, pair_counts, pair_reasons, pair_rejects, considered, run_id, metadata, recorder)
     version = output.publish(
@@ -300,6 +310,12 @@ def _score_and_curate(samples: Samples, made, sampled: Sampled, strategy, recipe
     return [StageCount.combine(counts) if counts else StageCount(scorer.stage, 0, 0)]
 
 
+def _training_columns(rows: pl.DataFrame, recipe: Recipe) -> pl.DataFrame:
+    """The published rows with what trainers read: the conversation (``with_messages`` or
+    ``with_prompt_messages``, done by the caller) and, with ``publish.test_share``, the split."""
+    return with_split(rows, recipe.publish.test_share) if recipe.publish.test_share > 0 else rows
+
+
 def _spent_stats(spent: dict[str, int], rounds: int, budget: int) -> dict:
     values = list(spent.values())
     return {
@@ -308,6 +324,62 @@ def _spent_stats(spent: dict[str, int], rounds: int, budget: int) -> dict:
         "samples_spent_total": sum(values),
         "samples_spent_histogram": {str(k): v for k, v in sorted(Counter(values).items())},
     }
+
+
+@dataclass
+class Steps:
+    """The step-labelled solutions of a run, spilled as they are labelled (``_label_steps``)."""
+
+    output: Output
+    rejects: Rejects
+    counts: list[StageCount]
+    rollouts: int = 0
+
+
+def _label_steps(samples: Samples | None, recipe: Recipe, generator, spill: Path) -> Steps:
+    """Step labels of every verified sample, shard by shard, their rollouts on ``generator``."""
+    cfg, gen = recipe.process_supervision, recipe.generation
+    steps = Steps(Output(spill / "steps", recipe.publish.shard_rows, contract="process_supervision", signatures=False), Rejects(spill / "step-rejects"), [])
+    if samples is None:
+        return steps
+    sampling = SamplingSettings(gen.temperature if cfg.temperature is None else cfg.temperature, gen.top_p, cfg.max_tokens or gen.max_tokens)
+    size = gen.shard_size * gen.samples_per_problem
+
+    def rollout(requests: list[dict]) -> list[dict]:
+        return in_shards(generator, requests, sampling, size)
+
+    for k in samples.shards():
+        labelled = step_label(samples.read(k), recipe, quote(rollout))
+        steps.counts.append(labelled.count)
+        steps.rejects.add(labelled.rejects)
+        steps.rollouts += int(labelled.kept["rollouts"].sum()) if labelled.kept.height else 0
+        steps.output.add(_training_columns(with_prompt_messages(labelled.kept, gen), recipe))
+    get_run_logger().info("step labels (%s): %d solutions labelled, %d rollouts", cfg.method, sum(c.rows_out for c in steps.counts), steps.rollouts)
+    return steps
+
+
+def _publish_steps(store: Store, recipe: Recipe, steps: Steps, run_id: str, metadata: dict, recorder: LineageRecorder) -> str:
+    """The step-labelled solutions as their own data set: samples in, labelled solutions out."""
+    count = StageCount.combine(steps.counts) if steps.counts else StageCount(STEP_STAGE, 0, 0)
+    labelled = count.rows_out
+    stats = {
+        "method": recipe.process_supervision.method,
+        "rollouts_per_prefix": recipe.process_supervision.rollouts,
+        "rollouts_total": steps.rollouts,
+        "rollouts_per_solution": round(steps.rollouts / labelled, 3) if labelled else None,
+    }
+    published = steps.output.publish(
+        store,
+        recipe.steps_dataset,
+        steps.rejects,
+        input_rows=count.rows_in,
+        stages=[count],
+        run_id=run_id,
+        metadata={**metadata, "kind": "process-supervision", "stats": stats},
+    )
+    recorder.output(published, [count], schema=steps.output.published_schema, after="verify")
+    get_run_logger().info("published step labels %s: %d solutions, %d rollouts", published.uri, labelled, steps.rollouts)
+    return published.uri
 
 
 def _publish_pairs(

@@ -726,9 +726,27 @@ class CollapseConfig(_Strict):
     min_distinct_2: float | None = Field(None, gt=0, le=1)  # gate: fail the run below this
 
 
+class ProcessSupervisionConfig(_Strict):
+    """Step labels of the run's verified samples (distillery/stages/step_labels.py), published as
+    their own data set (``kind: process-supervision``, ``<dataset>-steps``)."""
+
+    enabled: bool = False
+    method: Literal["per_step", "binary_search"] = "binary_search"
+    rollouts: int = Field(4, ge=1, le=64)  # continuations sampled from each prefix
+    max_steps: int = Field(12, ge=1, le=64)  # longer solutions are rejects ("too_many_steps")
+    max_tokens: int | None = Field(None, ge=1)  # a continuation's; default generation.max_tokens
+    temperature: float | None = Field(None, ge=0)  # default generation.temperature
+    dataset: DatasetName = None  # default <dataset>-steps
+
+
 class PublishConfig(_Strict):
     dataset: DatasetName = None  # defaults to the recipe name
     shard_rows: int = Field(50_000, ge=1)
+    # The data's license (an SPDX-style id, e.g. apache-2.0, cc-by-4.0), for the exported dataset card
+    license: str = Field("other", pattern=r"^[a-z0-9][a-z0-9.+-]{0,63}$")
+    # A problem-level train/test split (a hash of each problem's id): the share of problems in "test";
+    # rows then carry a `split` column. 0: no split column.
+    test_share: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class _RecipeBase(_Strict):
@@ -782,6 +800,7 @@ class Recipe(_RecipeBase):
     quality: QualityConfig = QualityConfig()
     collapse: CollapseConfig = CollapseConfig()
     select: SelectConfig = SelectConfig()
+    process_supervision: ProcessSupervisionConfig = ProcessSupervisionConfig()
     publish: PublishConfig = PublishConfig()
 
     @model_validator(mode="after")
@@ -815,6 +834,10 @@ class Recipe(_RecipeBase):
     @property
     def pairs_dataset(self) -> str:
         return self.select.pairs.dataset or f"{self.dataset}-pairs"
+
+    @property
+    def steps_dataset(self) -> str:
+        return self.process_supervision.dataset or f"{self.dataset}-steps"
 
 
 class CurateRecipe(_RecipeBase):

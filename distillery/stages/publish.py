@@ -115,15 +115,18 @@ def _copy_parts(store: Store, base: str, writer: PartWriter) -> list[dict]:
 def read_shards(store: Store, manifest: dict, kind: str = "shards") -> pl.DataFrame:
     """Read a version's shards (``shards``, ``reject_shards`` or ``signatures``), checking each sha256."""
     listing = manifest[kind]["shards"] if kind == "signatures" else manifest[kind]
-    frames = []
-    for shard in listing:
-        key = f"{manifest['dataset']}/{manifest['version']}/{shard['path']}"
-        data = store.get(key)
-        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-            msg = f"{store.uri(key)}: checksum mismatch (the shard changed after publishing)"
-            raise ValueError(msg)
-        frames.append(pl.read_parquet(io.BytesIO(data)))
+    frames = [read_shard(store, manifest, shard) for shard in listing]
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
+
+def read_shard(store: Store, manifest: dict, shard: dict) -> pl.DataFrame:
+    """One shard of a version (an entry of its manifest's ``shards``), its sha256 checked."""
+    key = f"{manifest['dataset']}/{manifest['version']}/{shard['path']}"
+    data = store.get(key)
+    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        msg = f"{store.uri(key)}: checksum mismatch (the shard changed after publishing)"
+        raise ValueError(msg)
+    return pl.read_parquet(io.BytesIO(data))
 
 
 def render_card(manifest: dict) -> str:
