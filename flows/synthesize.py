@@ -45,7 +45,14 @@ from distillery.model_setup import model_identity, resolve_model_path
 from distillery.served import ServedModel, render_request
 from distillery.uri_io import redact_uri
 from distillery.stages.score import Scorer
+from distillery.stages.rationalize import HINT_CHECK, drop_hint_mentions, hint_template, rationale_requests, rationales_from_results, unsolved, without_hint
+from distillery.stages.rationalize import ORIGIN as RATIONALE_ORIGIN
+from distillery.stages.rationalize import STAGE as RATIONALE_STAGE
+from distillery.stages.revise import PAIR_STAGE as REVISION_PAIR_STAGE
+from distillery.stages.revise import STAGE as REVISE_STAGE
+from distillery.stages.revise import feedback_template, revision_messages, revision_pairs, revision_requests, revisions_from_results, wrong_samples
 from distillery.stages.step_labels import STAGE as STEP_STAGE
+from distillery.stages.verify import verify_samples
 from distillery.stages.select import pass_rates
 from distillery.store import Store
 from flows import strategies
@@ -123,6 +130,8 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     gen_seconds = 0.0
 
     steps = _label_steps(None, recipe, None, spill) if recipe.process_supervision.enabled else None  # replaced once there are samples
+    rationales = _rationalize(None, None, recipe, None, lineage, spill) if recipe.rationalize.enabled else None
+    revisions = _revise(None, recipe, None, lineage, spill) if recipe.revise.enabled else None
     if seeds.kept.height:  # else nothing valid to generate from: an empty, fully accounted version
         start_ray()
         if served:  # an OpenAI-compatible endpoint instead of the run's own engines
@@ -146,6 +155,10 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
                 sampled = sample_in_rounds(generator, recipe, made.problems, lineage, samples)
             if recipe.process_supervision.enabled:  # its rollouts run on the engines: label while they are up
                 steps = _label_steps(samples, recipe, generator, spill)
+            if recipe.rationalize.enabled:  # asks the engines again for what no sample solved
+                rationales = _rationalize(made.problems, samples, recipe, generator, lineage, spill)
+            if recipe.revise.enabled:  # asks the engines to correct the wrong samples
+                revisions = _revise(samples, recipe, generator, lineage, spill)
             gen_seconds = time.perf_counter() - started - ((pool.started_in or 0.0) - started_before)
             if recipe.score.method == "judge":  # the judge runs on the generation engines: score while they are up
                 score_stage = _score_and_curate(samples, made, sampled, strategy, recipe, scorer, curation)
@@ -265,6 +278,10 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     companions = {}
     if steps is not None:
         companions["process_supervision"] = _publish_steps(store_, recipe, steps, run_id, metadata, recorder)
+    if rationales is not None:
+        companions["rationales"] = _publish_rationales(store_, recipe, rationales, run_id, metadata, recorder)
+    if revisions is not None:
+        companions.update(_publish_revisions(store_, recipe, revisions, run_id, metadata, recorder))
     if paired is not None:
         companions["preference_pairs"] = _publish_pairs(store_, recipe, paired, pair_counts, pair_reasons, pair_rejects, considered, run_id, metadata, recorder)
     version = output.publish(
@@ -380,6 +397,131 @@ def _publish_steps(store: Store, recipe: Recipe, steps: Steps, run_id: str, meta
     recorder.output(published, [count], schema=steps.output.published_schema, after="verify")
     get_run_logger().info("published step labels %s: %d solutions, %d rollouts", published.uri, labelled, steps.rollouts)
     return published.uri
+
+
+@dataclass
+class Rationales:
+    """The rationales of a run's unsolved problems, through their own curation (``_rationalize``)."""
+
+    problems: int
+    counts: list[StageCount]
+    curation: Curation
+    rejects: Rejects
+    folder: Path  # where its version's parts are written
+
+
+def _rationalize(problems: pl.DataFrame | None, samples: Samples | None, recipe: Recipe, generator, lineage: dict, spill: Path) -> Rationales:
+    """STaR's rationalization of the problems no sample solved: asked with the reference as a hint,
+    verified, hint mentions dropped, then quality, decontamination and dedup of their own."""
+    cfg, gen = recipe.rationalize, recipe.generation
+    rejects = Rejects(spill / "rationale-rejects")
+    curation = Curation(spill / "rationale-curation", text_column="completion", quality=recipe.quality, decontamination=recipe.decontaminate, dedup_cfg=recipe.dedup, rejects=rejects)
+    out = Rationales(0, [], curation, rejects, spill / "rationale-publish")
+    if problems is None or samples is None:
+        out.counts = [StageCount(RATIONALE_STAGE, 0, 0, cfg.samples), StageCount("verify", 0, 0), StageCount(HINT_CHECK, 0, 0)]
+        return out
+    todo = unsolved(problems, samples.stats.solved)
+    requests = rationale_requests(todo, cfg, gen)
+    sampling = SamplingSettings(gen.temperature if cfg.temperature is None else cfg.temperature, gen.top_p, cfg.max_tokens or gen.max_tokens)
+    results = in_shards(generator, requests, sampling, gen.shard_size * gen.samples_per_problem) if requests else []
+    made = rationales_from_results(todo, requests, results, cfg, lineage)
+    checked = verify_samples(made.kept, recipe.verify.model_copy(update={"keep": "correct"})) if made.kept.height else None
+    verified = checked.kept if checked is not None else made.kept
+    hints = drop_hint_mentions(verified)
+    for r in (made, checked, hints):
+        if r is not None:
+            rejects.add(r.rejects)
+    out.problems = todo.height
+    out.counts = [made.count, checked.count if checked is not None else StageCount("verify", 0, 0), hints.count]
+    if hints.kept.height:
+        curation.add(hints.kept)
+    get_run_logger().info("rationalize: %d unsolved problems, %d rationales asked, %d kept before curation", todo.height, len(requests), hints.kept.height)
+    return out
+
+
+def _publish_rationales(store: Store, recipe: Recipe, rationales: Rationales, run_id: str, metadata: dict, recorder: LineageRecorder) -> str:
+    """The kept rationales as their own SFT data set: unsolved problems in, curated rationales out."""
+    curation = rationales.curation
+    curation.dedup()
+    output = Output(rationales.folder, recipe.publish.shard_rows, contract="samples")
+    for kept, signatures in curation.kept():
+        output.add(_training_columns(without_hint(kept, recipe.generation), recipe), signatures)
+    stages = [*rationales.counts, *curation.stages()]
+    published = output.publish(
+        store,
+        recipe.rationales_dataset,
+        rationales.rejects,
+        input_rows=rationales.problems,
+        stages=stages,
+        run_id=run_id,
+        dedup_cfg=recipe.dedup if curation.deduper.n else None,
+        metadata={**metadata, "kind": "sft-chain-of-thought", "origin": RATIONALE_ORIGIN, "hint_template": hint_template().id, "stats": curation.metadata()},
+    )
+    curation.close()
+    recorder.output(published, stages, schema=output.published_schema, after="verify")
+    get_run_logger().info("published rationales %s: %d rows", published.uri, published.manifest["counts"]["published"])
+    return published.uri
+
+
+@dataclass
+class Revisions:
+    """The verified revisions of a run's wrong samples and their pairs, spilled (``_revise``)."""
+
+    output: Output
+    pairs: Output
+    rejects: Rejects
+    counts: list[StageCount]
+    wrong: int = 0
+
+
+def _revise(samples: Samples | None, recipe: Recipe, generator, lineage: dict, spill: Path) -> Revisions:
+    """A revision of every wrong sample, shard by shard, kept if it verifies."""
+    cfg, gen = recipe.revise, recipe.generation
+    out = Revisions(
+        Output(spill / "revisions", recipe.publish.shard_rows, contract="samples", signatures=False),
+        Output(spill / "revision-pairs", recipe.publish.shard_rows, contract="preference_pairs", signatures=False),
+        Rejects(spill / "revision-rejects"),
+        [],
+    )
+    if samples is None:
+        return out
+    sampling = SamplingSettings(gen.temperature if cfg.temperature is None else cfg.temperature, gen.top_p, cfg.max_tokens or gen.max_tokens)
+    revise_counts, verify_counts = [], []
+    for k in samples.shards():
+        wrong = wrong_samples(samples.read(k))
+        if not wrong.height:
+            continue
+        requests = revision_requests(wrong, cfg, gen)
+        made = revisions_from_results(wrong, requests, in_shards(generator, requests, sampling, gen.shard_size * gen.samples_per_problem), cfg, lineage)
+        checked = verify_samples(made.kept, recipe.verify.model_copy(update={"keep": "correct"})) if made.kept.height else None
+        out.rejects.add(made.rejects)
+        revise_counts.append(made.count)
+        verify_counts.append(checked.count if checked is not None else StageCount("verify", 0, 0))
+        if checked is not None:
+            out.rejects.add(checked.rejects)
+            kept = revision_messages(checked.kept)
+            out.output.add(_training_columns(kept.with_columns(pl.lit("revision").alias("origin")), recipe))
+            out.pairs.add(_training_columns(revision_pairs(kept, gen).kept, recipe))
+        out.wrong += wrong.height
+    out.counts = [StageCount.combine(revise_counts) if revise_counts else StageCount(REVISE_STAGE, 0, 0, cfg.samples), StageCount.combine(verify_counts) if verify_counts else StageCount("verify", 0, 0)]
+    get_run_logger().info("revise: %d wrong samples, %d revisions verified", out.wrong, out.counts[-1].rows_out)
+    return out
+
+
+def _publish_revisions(store: Store, recipe: Recipe, revisions: Revisions, run_id: str, metadata: dict, recorder: LineageRecorder) -> dict[str, str]:
+    """The revisions (multi-turn SFT rows: wrong samples in, verified revisions out) and their
+    preference pairs (revisions in, one pair each), each its own data set."""
+    if not revisions.counts:
+        revisions.counts = [StageCount(REVISE_STAGE, 0, 0, recipe.revise.samples), StageCount("verify", 0, 0)]
+    kept = revisions.counts[-1].rows_out
+    meta = {**metadata, "origin": "revision", "feedback_template": feedback_template().id}
+    published = revisions.output.publish(store, recipe.revisions_dataset, revisions.rejects, input_rows=revisions.wrong, stages=revisions.counts, run_id=run_id, metadata={**meta, "kind": "sft-chain-of-thought", "stats": {"wrong_samples": revisions.wrong, "revisions_verified": kept}})
+    recorder.output(published, revisions.counts, schema=revisions.output.published_schema, after="verify")
+    pair_count = [StageCount(REVISION_PAIR_STAGE, kept, kept)]
+    pairs = revisions.pairs.publish(store, recipe.revision_pairs_dataset, Rejects(revisions.output.folder / "no-rejects"), input_rows=kept, stages=pair_count, run_id=run_id, metadata={**meta, "kind": "preference-pairs", "stats": {"pairs": kept}})
+    recorder.output(pairs, pair_count, schema=revisions.pairs.published_schema, after="verify")
+    get_run_logger().info("published revisions %s (%d rows) and their pairs %s", published.uri, kept, pairs.uri)
+    return {"revisions": published.uri, "revision_pairs": pairs.uri}
 
 
 def _publish_pairs(

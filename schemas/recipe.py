@@ -739,6 +739,31 @@ class ProcessSupervisionConfig(_Strict):
     dataset: DatasetName = None  # default <dataset>-steps
 
 
+class RationalizeConfig(_Strict):
+    """STaR's rationalization (distillery/stages/rationalize.py): the problems no sample solved,
+    asked again with the reference answer as a hint; the rationales that stand without it are
+    published as their own data set (``<dataset>-rationales``)."""
+
+    enabled: bool = False
+    samples: int = Field(2, ge=1, le=64)  # rationales asked per unsolved problem
+    max_tokens: int | None = Field(None, ge=1)  # default generation.max_tokens
+    temperature: float | None = Field(None, ge=0)  # default generation.temperature
+    dataset: DatasetName = None  # default <dataset>-rationales
+
+
+class ReviseConfig(_Strict):
+    """Revision traces (distillery/stages/revise.py): each wrong sample, the verifier's feedback
+    and a revision that verifies, published as multi-turn SFT rows (``<dataset>-revisions``) and
+    as preference pairs of the revision over the first answer (``<dataset>-revision-pairs``).
+    Needs the wrong samples: ``verify.keep`` ``all`` or ``answered``."""
+
+    enabled: bool = False
+    samples: int = Field(1, ge=1, le=64)  # revisions asked per wrong sample
+    max_tokens: int | None = Field(None, ge=1)  # default generation.max_tokens
+    temperature: float | None = Field(None, ge=0)  # default generation.temperature
+    dataset: DatasetName = None  # default <dataset>-revisions (its pairs: <dataset>-revision-pairs)
+
+
 class PublishConfig(_Strict):
     dataset: DatasetName = None  # defaults to the recipe name
     shard_rows: int = Field(50_000, ge=1)
@@ -801,6 +826,8 @@ class Recipe(_RecipeBase):
     collapse: CollapseConfig = CollapseConfig()
     select: SelectConfig = SelectConfig()
     process_supervision: ProcessSupervisionConfig = ProcessSupervisionConfig()
+    rationalize: RationalizeConfig = RationalizeConfig()
+    revise: ReviseConfig = ReviseConfig()
     publish: PublishConfig = PublishConfig()
 
     @model_validator(mode="after")
@@ -838,6 +865,25 @@ class Recipe(_RecipeBase):
     @property
     def steps_dataset(self) -> str:
         return self.process_supervision.dataset or f"{self.dataset}-steps"
+
+    @property
+    def rationales_dataset(self) -> str:
+        return self.rationalize.dataset or f"{self.dataset}-rationales"
+
+    @property
+    def revisions_dataset(self) -> str:
+        return self.revise.dataset or f"{self.dataset}-revisions"
+
+    @property
+    def revision_pairs_dataset(self) -> str:
+        return f"{self.revise.dataset}-pairs" if self.revise.dataset else f"{self.dataset}-revision-pairs"
+
+    @model_validator(mode="after")
+    def _revise_needs_wrong_samples(self) -> Recipe:
+        if self.revise.enabled and self.verify.keep == "correct":
+            msg = "revise.enabled needs the wrong samples: set verify.keep to all or answered (with correct, verify drops them)"
+            raise ValueError(msg)
+        return self
 
 
 class CurateRecipe(_RecipeBase):
