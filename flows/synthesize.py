@@ -129,9 +129,7 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
     engine_stats: dict = {}
     gen_seconds = 0.0
 
-    steps = _label_steps(None, recipe, None, spill) if recipe.process_supervision.enabled else None  # replaced once there are samples
-    rationales = _rationalize(None, None, recipe, None, lineage, spill) if recipe.rationalize.enabled else None
-    revisions = _revise(None, recipe, None, lineage, spill) if recipe.revise.enabled else None
+    steps = rationales = revisions = None  # the companions' rows, made while the engines are up
     if seeds.kept.height:  # else nothing valid to generate from: an empty, fully accounted version
         start_ray()
         if served:  # an OpenAI-compatible endpoint instead of the run's own engines
@@ -276,12 +274,13 @@ def _synthesize(recipe: Recipe, store: str, run_id: str, recorder: LineageRecord
 
     # 6. publish: the pairs (their own data set), then the samples
     companions = {}
-    if steps is not None:
-        companions["process_supervision"] = _publish_steps(store_, recipe, steps, run_id, metadata, recorder)
-    if rationales is not None:
-        companions["rationales"] = _publish_rationales(store_, recipe, rationales, run_id, metadata, recorder)
-    if revisions is not None:
-        companions.update(_publish_revisions(store_, recipe, revisions, run_id, metadata, recorder))
+    # (a run that had nothing to generate publishes them empty, fully accounted)
+    if recipe.process_supervision.enabled:
+        companions["process_supervision"] = _publish_steps(store_, recipe, steps or _label_steps(None, recipe, None, spill), run_id, metadata, recorder)
+    if recipe.rationalize.enabled:
+        companions["rationales"] = _publish_rationales(store_, recipe, rationales or _rationalize(None, None, recipe, None, lineage, spill), run_id, metadata, recorder)
+    if recipe.revise.enabled:
+        companions.update(_publish_revisions(store_, recipe, revisions or _revise(None, recipe, None, lineage, spill), run_id, metadata, recorder))
     if paired is not None:
         companions["preference_pairs"] = _publish_pairs(store_, recipe, paired, pair_counts, pair_reasons, pair_rejects, considered, run_id, metadata, recorder)
     version = output.publish(

@@ -60,7 +60,7 @@ def revision_requests(wrong: pl.DataFrame, cfg: ReviseConfig, gen: GenerationCon
 def revisions_from_results(wrong: pl.DataFrame, requests: list[dict], results: list[dict], cfg: ReviseConfig, lineage: dict[str, str]) -> StageResult:
     """The revisions as sample rows (``<wrong sample_id>-v<k>``) with what they revise."""
     problems = wrong.unique("seed_id", keep="first").select("seed_id", "question", "reference_answer", "source")
-    made = samples_from_results(problems, requests, results, samples_per_problem=cfg.samples, lineage=lineage)
+    made = samples_from_results(problems, requests, results, samples_per_problem=cfg.samples, lineage=lineage, rows_in=wrong.height)
     extra = pl.DataFrame(
         {
             "sample_id": [f"{r['revises']}-v{r['sample_index']:03d}" for r in requests],

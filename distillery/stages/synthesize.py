@@ -71,8 +71,11 @@ def samples_from_results(
     *,
     samples_per_problem: int,
     lineage: dict[str, str],
+    rows_in: int | None = None,
 ) -> StageResult:
-    """Join results to their seeds; a request that failed or came back empty is a reject."""
+    """Join results to their seeds; a request that failed or came back empty is a reject.
+    ``rows_in``: what the requests were made from (default: the seeds), each asked
+    ``samples_per_problem`` times."""
     if len(requests) != len(results):
         msg = f"engine returned {len(results)} results for {len(requests)} requests"
         raise RuntimeError(msg)
@@ -106,7 +109,7 @@ def samples_from_results(
             ("empty_completion", pl.col("completion").fill_null("").str.strip_chars() == ""),
         ],
         fanout=samples_per_problem,
-        rows_in=seeds.height,
+        rows_in=seeds.height if rows_in is None else rows_in,
         detail=pl.col("error"),
     )
     result.kept = result.kept.drop("error")

@@ -68,3 +68,37 @@ def test_wrong_samples_get_revisions_that_verify(scripted, tmp_path):
 def test_revision_needs_the_wrong_samples():
     with pytest.raises(RecipeError, match="revise.enabled needs the wrong samples"):
         load_recipe(ROOT / RECIPE, overrides=["revise.enabled=true", "verify.keep=correct"])
+
+
+def test_revisions_export_as_multi_turn_conversations(scripted, tmp_path, embedded_model):
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    from trl.data_utils import is_conversational, maybe_apply_chat_template
+
+    from distillery.formats import export_version
+    from distillery.store import Store
+
+    recipe = load_recipe(ROOT / RECIPE, overrides=SETS)
+    ref = dict(zip(*[ingest_seeds(recipe.seeds).kept[c].to_list() for c in ("seed_id", "reference_answer")], strict=True))
+
+    @scripted.rule
+    def answer(request, sampling):  # every first answer wrong, every revision right
+        sid = request["seed_id"]
+        revising = len(request["messages"]) == 4
+        return distinct_text(f"{sid}-{request['sample_index']}-{revising}", ref[sid] if revising else ref[sid] + "1")
+
+    _, manifest = run_flow(RECIPE, tmp_path / "store", SETS)
+    store = Store(str(tmp_path / "store"))
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_model))
+    revisions = store.manifest(recipe.revisions_dataset)
+    export_version(store, revisions, tmp_path / "revisions")
+    loaded = load_dataset(str(tmp_path / "revisions"), cache_dir=str(tmp_path / "hf"))["train"]
+    assert loaded.num_rows == revisions["counts"]["published"] == 6  # 3 problems x 2 wrong samples
+    for example in loaded:
+        assert is_conversational(example) and len(example["messages"]) == 5
+        text = maybe_apply_chat_template({"messages": example["messages"]}, tokenizer)["text"]
+        assert text.index(example["first_completion"]) < text.index(example["feedback"]) < text.index(example["completion_text"])
+    pairs = store.manifest(recipe.revision_pairs_dataset)
+    export_version(store, pairs, tmp_path / "revision-pairs", fmt="jsonl")
+    loaded = load_dataset(str(tmp_path / "revision-pairs"), cache_dir=str(tmp_path / "hf"))["train"]
+    assert loaded.num_rows == 6 and all(is_conversational(e) and e["chosen"][0]["role"] == "assistant" for e in loaded)
