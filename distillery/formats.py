@@ -110,7 +110,7 @@ def trainer_rows(kind: str | None, rows: pl.DataFrame) -> pl.DataFrame:
         prompt = pl.col("prompt_messages") if "prompt_messages" in rows.columns else _turns(("user", "prompt_text"))
         texts = rows.rename({c: f"{c}_text" for c in ("prompt", "chosen", "rejected")})
         out = texts.with_columns(prompt.alias("prompt"), _turns(("assistant", "chosen_text")).alias("chosen"), _turns(("assistant", "rejected_text")).alias("rejected"))
-        return out.drop([c for c in ("prompt_messages",) if c in out.columns])
+        return out.drop("prompt_messages", strict=False)
     return rows
 
 

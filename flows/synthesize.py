@@ -45,7 +45,7 @@ from distillery.model_setup import model_identity, resolve_model_path
 from distillery.served import ServedModel, render_request
 from distillery.uri_io import redact_uri
 from distillery.stages.score import Scorer
-from distillery.stages.rationalize import HINT_CHECK, drop_hint_mentions, hint_template, rationale_requests, rationales_from_results, unsolved, without_hint
+from distillery.stages.rationalize import HINT_CHECK, drop_hint_mentions, hint_template, rationale_requests, rationales_from_results, unsolved
 from distillery.stages.rationalize import ORIGIN as RATIONALE_ORIGIN
 from distillery.stages.rationalize import STAGE as RATIONALE_STAGE
 from distillery.stages.revise import PAIR_STAGE as REVISION_PAIR_STAGE
@@ -444,7 +444,7 @@ def _publish_rationales(store: Store, recipe: Recipe, rationales: Rationales, ru
     curation.dedup()
     output = Output(rationales.folder, recipe.publish.shard_rows, contract="samples")
     for kept, signatures in curation.kept():
-        output.add(_training_columns(without_hint(kept, recipe.generation), recipe), signatures)
+        output.add(_training_columns(with_messages(kept, recipe.generation), recipe), signatures)  # the problem's own turns: no hint
     stages = [*rationales.counts, *curation.stages()]
     published = output.publish(
         store,

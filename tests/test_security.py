@@ -402,7 +402,7 @@ def test_recipe_templates_are_sandboxed_and_checked_before_anything_starts(tmp_p
     fine = "{% for word in question.split() %}{{ word | upper }} {% endfor %}{% if question|length > 3 %}(long){% endif %} Answer briefly."
     recipe_ok = load_recipe("recipes/gsm8k-cot.yaml", [f"seeds.path={seeds}", f"generation.prompt_template={fine}"])
     assert build_messages("two words", recipe_ok.generation)[-1]["content"] == "TWO WORDS (long) Answer briefly."
-    values = {"question": "Q", "tasks": ["a", "b"], "concepts": ["x", "y"], "discipline": "d", "field": "f", "subject": "s", "session": 1, "sessions": 4}
+    values = {"question": "Q", "tasks": ["a", "b"], "concepts": ["x", "y"], "discipline": "d", "field": "f", "subject": "s", "session": 1, "sessions": 4, "prompt": "P", "answer": "4", "predicted": "3", "judge": ""}
     for path in sorted(PROMPTS.glob("*/*.j2")):
         assert load_template(path.parent.name, path.stem).render(**values).strip(), path
 

@@ -56,22 +56,20 @@ def rationale_requests(problems: pl.DataFrame, cfg: RationalizeConfig, gen: Gene
     for p in problems.iter_rows(named=True):
         messages = hinted_messages(p["question"], p["reference_answer"], gen)
         for k in range(cfg.samples):
-            requests.append({"seed_id": p["seed_id"], "sample_index": k, "messages": messages, "sampling_seed": derived_seed(gen.seed, p["seed_id"], "rationale", k)})
+            requests.append({"seed_id": p["seed_id"], "sample_index": k, "sample_id": f"{p['seed_id']}-r{k:03d}", "messages": messages, "sampling_seed": derived_seed(gen.seed, p["seed_id"], "rationale", k)})
     return requests
 
 
 def rationales_from_results(problems: pl.DataFrame, requests: list[dict], results: list[dict], cfg: RationalizeConfig, lineage: dict[str, str]) -> StageResult:
-    """The rationales as sample rows (``<seed_id>-r<k>``), with their origin and hint;
+    """The rationales as sample rows (``<seed_id>-r<k>``, never a sample's id), with their origin and hint;
     generation errors and empty ones are rejects."""
     made = samples_from_results(problems, requests, results, samples_per_problem=cfg.samples, lineage=lineage)
-    rename = pl.col("sample_id").str.replace(r"-s(\d+)$", "-r$1").alias("sample_id")  # never a sample's id
     kept = made.kept.with_columns(
-        rename,
         pl.lit(ORIGIN).alias("origin"),
         pl.lit(hint_template().id).alias("hint_template"),
         (pl.lit("the correct final answer is ") + pl.col("reference_answer")).alias("hint"),
     )
-    rejects = made.rejects.with_columns(rename, pl.lit(STAGE).alias("stage")) if made.rejects.height else made.rejects
+    rejects = made.rejects.with_columns(pl.lit(STAGE).alias("stage")) if made.rejects.height else made.rejects
     count = StageCount(STAGE, made.count.rows_in, made.count.rows_out, made.count.fanout, made.count.dropped).check()
     return StageResult(STAGE, kept, rejects, count)
 
@@ -88,9 +86,3 @@ def drop_hint_mentions(rows: pl.DataFrame) -> StageResult:
     details = [f"the rationale mentions the hint: {_MENTIONS.search(t).group(0)!r}" if f else None for t, f in zip(rows["completion"].to_list(), flags, strict=True)]
     return StageResult.from_reasons(HINT_CHECK, rows, ["mentions_hint" if f else None for f in flags], details, rows_in=rows.height)
 
-
-def without_hint(rows: pl.DataFrame, gen: GenerationConfig) -> pl.DataFrame:
-    """``messages`` for training: the problem's own turns (no hint) and the rationale."""
-    from distillery.formats import with_messages
-
-    return with_messages(rows, gen)

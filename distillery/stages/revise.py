@@ -4,7 +4,7 @@ answer that verifies.
 For each wrong sample (verified against a reference and found wrong, or without a final answer),
 ``revise.samples`` requests continue the conversation: the problem's system and user turns, the
 wrong answer as the assistant's turn, and the feedback as a new user turn
-(``distillery/prompts/rationalize/feedback.j2``: the wrong final answer, and the judge's reply
+(``distillery/prompts/revise/feedback.j2``: the wrong final answer, and the judge's reply
 when the run has one). A revision is kept only if it verifies. Kept revisions are published twice:
 as multi-turn SFT rows (``messages``: system, user, the first answer, the feedback, the revision;
 ``revises`` names the wrong sample) and as preference pairs of the revision over the first answer
@@ -26,10 +26,11 @@ from schemas.recipe import GenerationConfig, ReviseConfig
 
 STAGE = "revise"
 PAIR_STAGE = "revision_pair"
+_CARRIED = ("revises", "feedback", "first_completion", "__turns")  # request fields on each revision's row
 
 
 def feedback_template():
-    return load_template("rationalize", "feedback")
+    return load_template("revise", "feedback")
 
 
 def wrong_samples(rows: pl.DataFrame) -> pl.DataFrame:
@@ -50,7 +51,8 @@ def revision_requests(wrong: pl.DataFrame, cfg: ReviseConfig, gen: GenerationCon
         messages = [*build_messages(row["question"], gen), {"role": "assistant", "content": row["completion"]}, {"role": "user", "content": said}]
         for k in range(cfg.samples):
             requests.append({
-                "seed_id": row["seed_id"], "sample_index": k, "messages": messages, "revises": row["sample_id"],
+                "seed_id": row["seed_id"], "sample_index": k, "sample_id": f"{row['sample_id']}-v{k:03d}", "messages": messages,
+                "__turns": messages, "revises": row["sample_id"],
                 "feedback": said, "first_completion": row["completion"],
                 "sampling_seed": derived_seed(gen.seed, row["sample_id"], "revise", k),
             })  # fmt: skip
@@ -60,24 +62,9 @@ def revision_requests(wrong: pl.DataFrame, cfg: ReviseConfig, gen: GenerationCon
 def revisions_from_results(wrong: pl.DataFrame, requests: list[dict], results: list[dict], cfg: ReviseConfig, lineage: dict[str, str]) -> StageResult:
     """The revisions as sample rows (``<wrong sample_id>-v<k>``) with what they revise."""
     problems = wrong.unique("seed_id", keep="first").select("seed_id", "question", "reference_answer", "source")
-    made = samples_from_results(problems, requests, results, samples_per_problem=cfg.samples, lineage=lineage, rows_in=wrong.height)
-    extra = pl.DataFrame(
-        {
-            "sample_id": [f"{r['revises']}-v{r['sample_index']:03d}" for r in requests],
-            "revises": [r["revises"] for r in requests],
-            "feedback": [r["feedback"] for r in requests],
-            "first_completion": [r["first_completion"] for r in requests],
-            "__turns": [r["messages"] for r in requests],
-        },
-        schema_overrides={"__turns": MESSAGES},
-    )
-    # samples_from_results keeps the requests' order, the failed ones aside: attach by position
-    failed = [res.get("error") is not None or not (res.get("completion") or "").strip() for res in results]
-    ok = pl.Series([not f for f in failed], dtype=pl.Boolean)
-    kept = pl.concat([made.kept.drop("sample_id"), extra.filter(ok)], how="horizontal") if made.kept.height else made.kept
-    rejects = made.rejects
-    if rejects.height:
-        rejects = rejects.with_columns(extra.filter(~ok)["sample_id"].alias("sample_id"), pl.lit(STAGE).alias("stage"))
+    made = samples_from_results(problems, requests, results, samples_per_problem=cfg.samples, lineage=lineage, rows_in=wrong.height, carry=_CARRIED)
+    kept = made.kept.with_columns(pl.col("__turns").cast(MESSAGES)) if made.kept.height else made.kept
+    rejects = made.rejects.with_columns(pl.lit(STAGE).alias("stage")) if made.rejects.height else made.rejects
     count = StageCount(STAGE, wrong.height, made.count.rows_out, cfg.samples, made.count.dropped).check()
     return StageResult(STAGE, kept, rejects, count)
 

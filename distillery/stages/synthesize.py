@@ -72,10 +72,12 @@ def samples_from_results(
     samples_per_problem: int,
     lineage: dict[str, str],
     rows_in: int | None = None,
+    carry: tuple[str, ...] = (),
 ) -> StageResult:
     """Join results to their seeds; a request that failed or came back empty is a reject.
     ``rows_in``: what the requests were made from (default: the seeds), each asked
-    ``samples_per_problem`` times."""
+    ``samples_per_problem`` times. A request's own ``sample_id`` (else one from its seed and
+    index) names its row, and its ``carry`` fields are copied onto it."""
     if len(requests) != len(results):
         msg = f"engine returned {len(results)} results for {len(requests)} requests"
         raise RuntimeError(msg)
@@ -85,7 +87,7 @@ def samples_from_results(
         seed = by_seed[request["seed_id"]]
         rows.append(
             {
-                "sample_id": sample_id(seed["seed_id"], request["sample_index"]),
+                "sample_id": request.get("sample_id") or sample_id(seed["seed_id"], request["sample_index"]),
                 "seed_id": seed["seed_id"],
                 "sample_index": request["sample_index"],
                 "question": seed["question"],
@@ -98,6 +100,7 @@ def samples_from_results(
                 "sampling_seed": request["sampling_seed"],
                 "error": result.get("error"),
                 **lineage,
+                **{k: request[k] for k in carry},
             }
         )
     frame = pl.DataFrame(rows, schema_overrides={"num_tokens": pl.Int64, "sample_index": pl.Int64, "sampling_seed": pl.Int64, "error": pl.Utf8, "completion": pl.Utf8, "reference_answer": pl.Utf8})
