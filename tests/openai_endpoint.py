@@ -19,6 +19,11 @@ def question_of(body: dict[str, Any]) -> str:
 
 
 class Endpoint(ThreadingHTTPServer):
+    # socketserver's default backlog is 5: more connections at once than that (the client opens
+    # up to model.max_concurrency) could be refused, which with max_retries=0 is a failed request
+    request_queue_size = 256
+    daemon_threads = True
+
     def __init__(self, script: dict[str, list[tuple[int, dict, str]]] | None = None, answer: Callable[[dict[str, Any]], str] | None = None) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.script, self.seen, self.lock = script or {}, [], threading.Lock()
