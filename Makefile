@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml requirements-cpu.lock
 install: $(STAMP)
 
 # The project's own modules, compiled for the same reason (an edited module is recompiled on import)
-bytecode:
+bytecode: install
 	$(PY) -m compileall -q -j 0 distillery flows tasks schemas infra tests > /dev/null
 
 model: install bytecode

@@ -36,6 +36,9 @@ PREFIX = "_cache/generation"
 _KEPT = ("completion", "finish_reason", "num_tokens", "prompt_tokens")
 
 
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
 @lru_cache(maxsize=4)
 def _tokenizer(model_dir: str):
     from transformers import AutoTokenizer
@@ -43,9 +46,92 @@ def _tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def _token(value: Any) -> str | None:
+    """A special token as ``tokenizer_config.json`` writes it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+@lru_cache(maxsize=4)
+def _chat_template(model_dir: str) -> tuple[str, dict[str, str]] | None:
+    """The model folder's chat template and the special tokens it is rendered with, read the way
+    transformers' tokenizer reads them (``chat_template.jinja`` before the config's
+    ``chat_template``; ``special_tokens_map.json`` under ``tokenizer_config.json``). ``None``
+    where the folder holds anything this reading does not cover (several named templates, a
+    ``additional_chat_templates`` folder): then the tokenizer itself renders.
+
+    Why not always the tokenizer: ``from transformers import AutoTokenizer`` imports torch, 7 s of
+    the driver's start here (15 s on a busy machine) for a process that never runs the model."""
+    folder = Path(model_dir)
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        legacy = folder / "special_tokens_map.json"
+        tokens = json.loads(legacy.read_text()) if legacy.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    if (folder / "additional_chat_templates").exists():
+        return None
+    file = folder / "chat_template.jinja"
+    template = file.read_text(encoding="utf-8") if file.is_file() else config.get("chat_template")
+    if not isinstance(template, str):  # several named templates (a list or a dict), or none
+        return None
+    special = {}
+    for name in SPECIAL_TOKENS:  # the config's value wins over the legacy map's, as in transformers
+        value = _token(config.get(name)) or _token(tokens.get(name))
+        if value is not None:
+            special[name] = value
+    return template, special
+
+
+@lru_cache(maxsize=4)
+def _compiled(template: str):
+    """The template compiled as transformers compiles chat templates (``chat_template_utils``:
+    a sandbox, ``trim_blocks``/``lstrip_blocks``, loop controls, its ``tojson``,
+    ``raise_exception`` and ``strftime_now``, the ``{% generation %}`` tag), with jinja2 alone:
+    importing transformers' module costs the driver 2 to 8 s."""
+    import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` (assistant-token masks): the body as it is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
 def render(model_dir: str, messages: list[dict[str, str]]) -> str:
-    """The prompt as the engine renders it (``VLLMEngine.render``: the tokenizer's chat template)."""
-    return _tokenizer(model_dir).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """The prompt as the engine renders it (``VLLMEngine.render``: the tokenizer's chat template,
+    ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``), without
+    loading the tokenizer where the folder allows (tests/test_generation_cache_batches.py
+    compares the two)."""
+    found = _chat_template(model_dir)
+    if found is None:
+        return _tokenizer(model_dir).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    template, special = found
+    return _compiled(template).render(messages=messages, tools=None, documents=None, add_generation_prompt=True, **special)
 
 
 def request_key(model: dict[str, str], prompt: str, sampling: SamplingSettings, seed: int) -> str:
@@ -76,9 +162,9 @@ class CachedGenerator:
         self.model_dir = str(Path(model_dir)) if model_dir else None
         self._render_request = render_request or (lambda r: render(self.model_dir, r["messages"]) + r.get("response_prefix", ""))
         if self.model_dir:
-            # Load the tokenizer now, in one thread: shards run in threads, and transformers' lazy
-            # imports raced there ("cannot import name 'AutoTokenizer'", seen here on a busy machine).
-            _tokenizer(self.model_dir)
+            # Render once now, in one thread: shards run in threads, and transformers' lazy imports
+            # raced there ("cannot import name 'AutoTokenizer'", seen here on a busy machine).
+            render(self.model_dir, [{"role": "user", "content": "warm-up"}])
         self.hits = 0
         self.misses = 0
         self._lock = threading.Lock()  # shards run in threads

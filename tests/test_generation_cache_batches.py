@@ -75,3 +75,76 @@ def test_requests_cached_from_other_batches_are_reused(tmp_path, model_dir):
     assert engine.asked == [[1, 2], [3]]  # only the new request reaches the engine
     assert mixed[:2] == first
     assert (cache.hits, cache.misses) == (2, 3)
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2 + 3?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a prime.\nJust one."}],
+    [
+        {"role": "user", "content": "What is 7 * 6?"},
+        {"role": "assistant", "content": "42"},
+        {"role": "user", "content": "Check it: {{ not a template }} <|im_end|>"},
+    ],
+]
+
+
+def _folder_variants(tmp_path: Path) -> list[Path]:
+    """The embedded model's tokenizer folder as shipped, and the same tokenizer written the older
+    way: the template inside ``tokenizer_config.json`` and the special tokens as AddedToken dicts;
+    and one whose template uses transformers' own extensions."""
+    import json
+    import shutil
+
+    model = resolve_model_path("embedded")
+    older = tmp_path / "older"
+    older.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model / name, older / name)
+    config = json.loads((older / "tokenizer_config.json").read_text())
+    config["chat_template"] = (model / "chat_template.jinja").read_text()
+    config["bos_token"] = {"__type": "AddedToken", "content": config["bos_token"], "special": True}
+    (older / "tokenizer_config.json").write_text(json.dumps(config))
+    tagged = tmp_path / "tagged"  # a template with transformers' {% generation %} tag and tojson
+    shutil.copytree(older, tagged)
+    config["chat_template"] = "{{ 'sys' | tojson }}{% generation %}" + config["chat_template"] + "{% endgeneration %}"
+    (tagged / "tokenizer_config.json").write_text(json.dumps(config))
+    return [model, older, tagged]
+
+
+def test_the_cache_key_prompt_is_the_tokenizers_rendering(tmp_path):
+    """The cache renders prompts with transformers' Jinja renderer from the folder's files (no
+    tokenizer, no torch import in the driver): what it renders must be what the tokenizer's
+    ``apply_chat_template`` (the engine's rendering) gives, or keys would name other prompts."""
+    from transformers import AutoTokenizer
+
+    from distillery.generation_cache import _chat_template, render
+
+    for folder in _folder_variants(tmp_path):
+        assert _chat_template(str(folder)) is not None  # the light path is the one under test
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        for messages in CONVERSATIONS:
+            assert render(str(folder), messages) == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_a_folder_with_several_templates_is_rendered_by_the_tokenizer(tmp_path):
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from distillery.generation_cache import _chat_template, render
+
+    model = resolve_model_path("embedded")
+    named = tmp_path / "named"
+    named.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model / name, named / name)
+    template = (model / "chat_template.jinja").read_text()
+    config = json.loads((named / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": "LEGACY " + template}, {"name": "tool_use", "template": template}]
+    (named / "tokenizer_config.json").write_text(json.dumps(config))
+    assert _chat_template(str(named)) is None
+    messages = CONVERSATIONS[0]
+    rendered = render(str(named), messages)
+    assert rendered.startswith("LEGACY ")
+    assert rendered == AutoTokenizer.from_pretrained(named).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

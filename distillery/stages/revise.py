@@ -26,7 +26,9 @@ from schemas.recipe import GenerationConfig, ReviseConfig
 
 STAGE = "revise"
 PAIR_STAGE = "revision_pair"
-_CARRIED = ("revises", "feedback", "first_completion", "__turns")  # request fields on each revision's row
+# request fields copied onto each revision's row; its ``messages`` (the turns sent) become the
+# row's ``__turns`` until revision_messages appends the revision to them
+_CARRIED = ("revises", "feedback", "first_completion", "messages")
 
 
 def feedback_template():
@@ -52,7 +54,7 @@ def revision_requests(wrong: pl.DataFrame, cfg: ReviseConfig, gen: GenerationCon
         for k in range(cfg.samples):
             requests.append({
                 "seed_id": row["seed_id"], "sample_index": k, "sample_id": f"{row['sample_id']}-v{k:03d}", "messages": messages,
-                "__turns": messages, "revises": row["sample_id"],
+                "revises": row["sample_id"],
                 "feedback": said, "first_completion": row["completion"],
                 "sampling_seed": derived_seed(gen.seed, row["sample_id"], "revise", k),
             })  # fmt: skip
@@ -63,7 +65,7 @@ def revisions_from_results(wrong: pl.DataFrame, requests: list[dict], results: l
     """The revisions as sample rows (``<wrong sample_id>-v<k>``) with what they revise."""
     problems = wrong.unique("seed_id", keep="first").select("seed_id", "question", "reference_answer", "source")
     made = samples_from_results(problems, requests, results, samples_per_problem=cfg.samples, lineage=lineage, rows_in=wrong.height, carry=_CARRIED)
-    kept = made.kept.with_columns(pl.col("__turns").cast(MESSAGES)) if made.kept.height else made.kept
+    kept = made.kept.rename({"messages": "__turns"}).with_columns(pl.col("__turns").cast(MESSAGES)) if made.kept.height else made.kept.rename({"messages": "__turns"}, strict=False)
     rejects = made.rejects.with_columns(pl.lit(STAGE).alias("stage")) if made.rejects.height else made.rejects
     count = StageCount(STAGE, wrong.height, made.count.rows_out, cfg.samples, made.count.dropped).check()
     return StageResult(STAGE, kept, rejects, count)
