@@ -54,7 +54,7 @@ def _token(value: Any) -> str | None:
 
 
 @lru_cache(maxsize=4)
-def _chat_template(model_dir: str) -> tuple[str, dict[str, str]] | None:
+def chat_template(model_dir: str) -> tuple[str, dict[str, str]] | None:
     """The model folder's chat template and the special tokens it is rendered with, read the way
     transformers' tokenizer reads them (``chat_template.jinja`` before the config's
     ``chat_template``; ``special_tokens_map.json`` under ``tokenizer_config.json``). ``None``
@@ -127,7 +127,7 @@ def render(model_dir: str, messages: list[dict[str, str]]) -> str:
     ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``), without
     loading the tokenizer where the folder allows (tests/test_generation_cache_batches.py
     compares the two)."""
-    found = _chat_template(model_dir)
+    found = chat_template(model_dir)
     if found is None:
         return _tokenizer(model_dir).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     template, special = found

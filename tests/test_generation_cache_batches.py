@@ -117,10 +117,10 @@ def test_the_cache_key_prompt_is_the_tokenizers_rendering(tmp_path):
     ``apply_chat_template`` (the engine's rendering) gives, or keys would name other prompts."""
     from transformers import AutoTokenizer
 
-    from distillery.generation_cache import _chat_template, render
+    from distillery.generation_cache import chat_template, render
 
     for folder in _folder_variants(tmp_path):
-        assert _chat_template(str(folder)) is not None  # the light path is the one under test
+        assert chat_template(str(folder)) is not None  # the light path is the one under test
         tokenizer = AutoTokenizer.from_pretrained(folder)
         for messages in CONVERSATIONS:
             assert render(str(folder), messages) == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -132,7 +132,7 @@ def test_a_folder_with_several_templates_is_rendered_by_the_tokenizer(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from distillery.generation_cache import _chat_template, render
+    from distillery.generation_cache import chat_template, render
 
     model = resolve_model_path("embedded")
     named = tmp_path / "named"
@@ -143,7 +143,7 @@ def test_a_folder_with_several_templates_is_rendered_by_the_tokenizer(tmp_path):
     config = json.loads((named / "tokenizer_config.json").read_text())
     config["chat_template"] = [{"name": "default", "template": "LEGACY " + template}, {"name": "tool_use", "template": template}]
     (named / "tokenizer_config.json").write_text(json.dumps(config))
-    assert _chat_template(str(named)) is None
+    assert chat_template(str(named)) is None
     messages = CONVERSATIONS[0]
     rendered = render(str(named), messages)
     assert rendered.startswith("LEGACY ")
