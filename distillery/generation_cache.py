@@ -57,7 +57,8 @@ def _token(value: Any) -> str | None:
 def chat_template(model_dir: str) -> tuple[str, dict[str, str]] | None:
     """The model folder's chat template and the special tokens it is rendered with, read the way
     transformers' tokenizer reads them (``chat_template.jinja`` before the config's
-    ``chat_template``; ``special_tokens_map.json`` under ``tokenizer_config.json``). ``None``
+    ``chat_template``; a legacy ``special_tokens_map.json`` only where the config has no
+    ``added_tokens_decoder``, and then over the config's tokens). ``None``
     where the folder holds anything this reading does not cover (several named templates, a
     ``additional_chat_templates`` folder): then the tokenizer itself renders.
 
@@ -67,7 +68,7 @@ def chat_template(model_dir: str) -> tuple[str, dict[str, str]] | None:
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text())
         legacy = folder / "special_tokens_map.json"
-        tokens = json.loads(legacy.read_text()) if legacy.is_file() else {}
+        tokens = json.loads(legacy.read_text()) if legacy.is_file() and "added_tokens_decoder" not in config else {}
     except (OSError, ValueError):
         return None
     if (folder / "additional_chat_templates").exists():
@@ -77,8 +78,8 @@ def chat_template(model_dir: str) -> tuple[str, dict[str, str]] | None:
     if not isinstance(template, str):  # several named templates (a list or a dict), or none
         return None
     special = {}
-    for name in SPECIAL_TOKENS:  # the config's value wins over the legacy map's, as in transformers
-        value = _token(config.get(name)) or _token(tokens.get(name))
+    for name in SPECIAL_TOKENS:
+        value = _token(tokens.get(name)) or _token(config.get(name))
         if value is not None:
             special[name] = value
     return template, special

@@ -91,7 +91,8 @@ CONVERSATIONS = [
 def _folder_variants(tmp_path: Path) -> list[Path]:
     """The embedded model's tokenizer folder as shipped, and the same tokenizer written the older
     way: the template inside ``tokenizer_config.json`` and the special tokens as AddedToken dicts;
-    and one whose template uses transformers' own extensions."""
+    one whose template uses transformers' own extensions and the special tokens; and that one
+    with a legacy ``special_tokens_map.json`` naming another ``bos_token``."""
     import json
     import shutil
 
@@ -104,11 +105,15 @@ def _folder_variants(tmp_path: Path) -> list[Path]:
     config["chat_template"] = (model / "chat_template.jinja").read_text()
     config["bos_token"] = {"__type": "AddedToken", "content": config["bos_token"], "special": True}
     (older / "tokenizer_config.json").write_text(json.dumps(config))
-    tagged = tmp_path / "tagged"  # a template with transformers' {% generation %} tag and tojson
+    tagged = tmp_path / "tagged"  # transformers' {% generation %} tag and tojson, the special tokens
     shutil.copytree(older, tagged)
-    config["chat_template"] = "{{ 'sys' | tojson }}{% generation %}" + config["chat_template"] + "{% endgeneration %}"
+    tokens = "{{ bos_token }}|{{ eos_token }}|{{ pad_token }}|{{ unk_token }}|"
+    config["chat_template"] = tokens + "{{ 'sys' | tojson }}{% generation %}" + config["chat_template"] + "{% endgeneration %}"
     (tagged / "tokenizer_config.json").write_text(json.dumps(config))
-    return [model, older, tagged]
+    legacy = tmp_path / "legacy"  # a special_tokens_map.json, which a config without added_tokens_decoder yields to
+    shutil.copytree(tagged, legacy)
+    (legacy / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}}))
+    return [model, older, tagged, legacy]
 
 
 def test_the_cache_key_prompt_is_the_tokenizers_rendering(tmp_path):

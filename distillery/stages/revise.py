@@ -65,7 +65,9 @@ def revisions_from_results(wrong: pl.DataFrame, requests: list[dict], results: l
     """The revisions as sample rows (``<wrong sample_id>-v<k>``) with what they revise."""
     problems = wrong.unique("seed_id", keep="first").select("seed_id", "question", "reference_answer", "source")
     made = samples_from_results(problems, requests, results, samples_per_problem=cfg.samples, lineage=lineage, rows_in=wrong.height, carry=_CARRIED)
-    kept = made.kept.rename({"messages": "__turns"}).with_columns(pl.col("__turns").cast(MESSAGES)) if made.kept.height else made.kept.rename({"messages": "__turns"}, strict=False)
+    kept = made.kept.rename({"messages": "__turns"}, strict=False)
+    if kept.height:
+        kept = kept.with_columns(pl.col("__turns").cast(MESSAGES))
     rejects = made.rejects.with_columns(pl.lit(STAGE).alias("stage")) if made.rejects.height else made.rejects
     count = StageCount(STAGE, wrong.height, made.count.rows_out, cfg.samples, made.count.dropped).check()
     return StageResult(STAGE, kept, rejects, count)
