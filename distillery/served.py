@@ -227,15 +227,24 @@ def render_request(request: dict[str, Any]) -> str:
 # -- a local vLLM server (the tests' and bench/served.py's endpoint) ------------------------------
 
 
-def start_server(model_dir: Path, port: int, log: Path, timeout_s: float = 300) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, log: Path, timeout_s: float = 300, uniproc: bool = False) -> subprocess.Popen:
     """``vllm serve`` of a local model folder on 127.0.0.1:``port``, served as "embedded" (its
     module: the CPU wheel's ``vllm`` script looks for a package named vllm), with the CPU settings
-    the run's own engines use, in a session of its own; returns once /health answers."""
+    the run's own engines use, in a session of its own; returns once /health answers.
+
+    ``uniproc``: the server's engine core runs the model itself (vLLM's uniprocess executor,
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as the run's own CPU engines do: ``distillery/engine.py``)
+    instead of in a worker process of its own: one process fewer to start (on 2 cores about 41
+    CPU-seconds to be ready instead of 57) and no busy-polling engine core beside the model's
+    threads (16 requests of 96 tokens: 68 output tok/s instead of 41). False: vLLM's default, what
+    ``vllm serve`` does for a user and what ``make bench-served`` measured."""
     import httpx
 
     from distillery.hardware import cpu_engine_env
 
     env = {**os.environ, **cpu_engine_env(1), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if uniproc:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", "embedded",
         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--enforce-eager",

@@ -46,7 +46,7 @@ def prefect_server(tmp_path_factory) -> str:
     first use; its API URL. The CLI runs of the modules that ask for it (``shared_prefect``) talk
     to it, as a user's runs with ``PREFECT_API_URL`` set do, instead of each starting a temporary
     server on a new database (6 to 10 s of every run on 2 cores). The embedded default keeps its
-    own end-to-end runs (tests/flows/test_synthesize_flow.py, test_actor_failure.py, the
+    own end-to-end runs (the complete run of tests/flows/test_synthesize_flow.py, the
     credential-leak check of tests/test_security.py, the fast tier's in-process flows)."""
     from tests.prefect_server import serve, stop
 

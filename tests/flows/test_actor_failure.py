@@ -3,7 +3,7 @@ killing its engine becomes a ``generation_error`` reject, not a failed run.
 
 - The engine pool's fault handling on real Ray actors whose processes really die (``os._exit``),
   with a stand-in engine class so that a death costs a second, not a vLLM start-up.
-- The real ``distillery run`` (embedded Prefect, a local Ray cluster, the CPU vLLM engine) with
+- The real ``distillery run`` (reporting to the session's ``prefect server``, a local Ray cluster, the CPU vLLM engine) with
   its ``ray::VLLMEngine`` worker process SIGKILLed while it generates: the run completes and every
   sample is there exactly once (slow).
 """
@@ -183,7 +183,7 @@ def _wait_until_busy(actor, timeout: float = 60.0) -> None:
 
 
 @pytest.mark.slow
-def test_run_completes_when_the_vllm_actor_is_killed_mid_batch(tmp_path):
+def test_run_completes_when_the_vllm_actor_is_killed_mid_batch(tmp_path, shared_prefect):
     import psutil
 
     recipe = tmp_path / "recipe.yaml"

@@ -56,7 +56,7 @@ def loop(tmp_path_factory, prefect_server):
         env.setenv("PREFECT_API_URL", prefect_server)  # the three runs report to the session's prefect server
         data_uri = _run(tmp, store, "name=rm-data", "score.method=none", "select.policy=all", "select.pairs.enabled=false", "seeds.builtin.count=12")
         rm_uri = _cli(tmp, "train-reward-model", data_uri, "--name", "rm-onestep", "--store", str(store))
-        sft_uri = _run(tmp, store, f"score.reward_model={rm_uri}", "seeds.builtin.count=8", "seeds.builtin.seed=1")
+        sft_uri = _run(tmp, store, f"score.reward_model={rm_uri}", "seeds.builtin.count=4", "seeds.builtin.seed=1")
     return {"data": _version(data_uri), "rm": Store(str(store)).manifest("rm-onestep"), "rm_uri": rm_uri, "sft": _version(sft_uri), "sft_uri": sft_uri}
 
 

@@ -59,7 +59,7 @@ def _run(store: Path, port: int, tmp: Path, stderr_lines: list[str], seen: threa
 def test_a_run_against_vllm_serve_survives_the_server_being_killed(embedded_model, tmp_path):
     port = _free_port()
     log = tmp_path / "server.log"
-    server = start_server(embedded_model, port, log)
+    server = start_server(embedded_model, port, log, uniproc=True)
     store = tmp_path / "store"
     lines: list[str] = []
     some_done = threading.Event()
@@ -68,7 +68,7 @@ def test_a_run_against_vllm_serve_survives_the_server_being_killed(embedded_mode
         wait_for_event_or_exit(run, some_done, 600, "no progress line with some but not all requests done", lambda: "".join(lines[-40:]))
         kill_server(server)  # mid-run: the requests in flight fail, the next ones are refused
         time.sleep(3)
-        server = start_server(embedded_model, port, log)  # the same endpoint again
+        server = start_server(embedded_model, port, log, uniproc=True)  # the same endpoint again
         stdout, _ = run.communicate(timeout=900)
     finally:
         kill_server(server)

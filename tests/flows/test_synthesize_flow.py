@@ -120,7 +120,7 @@ def test_verification_columns_agree_with_the_references(run):
     assert stats["samples_correct"] == rows["correct"].sum()
 
 
-def test_a_seed_file_with_only_broken_rows_publishes_an_empty_accounted_version(tmp_path):
+def test_a_seed_file_with_only_broken_rows_publishes_an_empty_accounted_version(tmp_path, shared_prefect):
     seeds = tmp_path / "broken.jsonl"
     seeds.write_text("\n".join(BROKEN) + "\n")
     cmd = [sys.executable, "-m", "distillery.cli", "run", "recipes/gsm8k-cot.yaml", "--store", str(tmp_path / "store"), "--set", f"seeds.path={seeds}"]
