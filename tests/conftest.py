@@ -122,9 +122,9 @@ def pytest_sessionfinish(session, exitstatus):
 # (--dist loadfile --no-loadscope-reorder), starting these first lets the many short modules
 # fill in around them, so that both workers finish at about the same time.
 SLOWEST_FIRST = (
-    "tests/flows/test_served_backend.py",
     "tests/flows/test_rewards_flow.py",
     "tests/flows/test_chaos.py",
+    "tests/flows/test_served_backend.py",
     "tests/flows/test_actor_failure.py",
     "tests/flows/test_synthesize_flow.py",
     "tests/test_deployments.py",
