@@ -9,6 +9,7 @@ spill folder is removed at the end.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,8 @@ def curate(recipe: CurateRecipe, input_uri: str, store: str = "store", shard_row
     run_id = distillery.run_id()
     recorder = LineageRecorder("curate", run_id, store, recipe_hash=recipe.hash(), code_version=distillery.code_version(), description=recipe.description)
     with recorder:  # OpenLineage: START now; stage events and COMPLETE after publish, FAIL if this raises
-        start_ray()  # signatures fan out over Ray workers
+        if os.environ.get("RAY_ADDRESS"):
+            start_ray()  # the cluster the user named; a local one starts only for signature tasks (tasks/dedup.py)
         published, stages, parent, schema = curate_in_shards(recipe, input_uri, store, run_id, shard_rows=shard_rows)
         recorder.input(parent)
         recorder.output(published, stages, schema=schema)

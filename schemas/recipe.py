@@ -673,6 +673,9 @@ class DedupConfig(_Strict):
     verify_candidates: Literal["none", "signature", "exact"] = "exact"
     seed: int = 1  # MinHash permutation seed (datasketch's default)
     against: list[str] = []  # earlier versions or data sets to dedup against: STORE/NAME[/vNNNN]
+    # Rows of one Ray task of MinHash signatures: a shard with more rows fans out over Ray
+    # workers, one with fewer is computed in the run's process (no Ray cluster started for it).
+    signature_task_rows: int = Field(50_000, ge=1)
 
     @model_validator(mode="after")
     def _banding(self) -> DedupConfig:

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from distillery import minhash
 from distillery.accounting import StageCount
+from distillery.engine import start_ray
 from distillery.faults import failpoint
 from distillery.stages.dedup import EarlierRows, ShardedDedup, load_earlier
 from schemas.recipe import DedupConfig
@@ -17,15 +18,19 @@ from schemas.recipe import DedupConfig
 _signatures_remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(minhash.signatures)
 
 
-def ray_signatures(cfg: DedupConfig, shard_rows: int = 50_000):
-    """A signature function that computes each shard of texts on a Ray worker."""
+def ray_signatures(cfg: DedupConfig):
+    """A signature function that computes the texts in Ray tasks of ``cfg.signature_task_rows``
+    rows, or in this process when they fit in one task. Ray starts on first use
+    (``distillery.engine.start_ray``): a curate of small inputs starts no cluster."""
 
     def compute(texts: pl.Series) -> np.ndarray:
-        if not ray.is_initialized() or len(texts) <= shard_rows:
+        rows = cfg.signature_task_rows
+        if len(texts) <= rows:
             return minhash.signatures(texts, num_perm=cfg.num_perm, ngram=cfg.ngram, seed=cfg.seed)
+        start_ray()
         parts = [
-            _signatures_remote.remote(texts.slice(start, shard_rows), num_perm=cfg.num_perm, ngram=cfg.ngram, seed=cfg.seed)
-            for start in range(0, len(texts), shard_rows)
+            _signatures_remote.remote(texts.slice(start, rows), num_perm=cfg.num_perm, ngram=cfg.ngram, seed=cfg.seed)
+            for start in range(0, len(texts), rows)
         ]
         return np.vstack(ray.get(parts))
 

@@ -482,7 +482,7 @@ def test_a_failing_flow_run_records_start_and_fail(prefect_home, tmp_path, no_en
 
 
 def test_a_curate_flow_run_records_every_stage(prefect_home, tmp_path, no_endpoint):
-    """``curate`` end to end (embedded Prefect, local Ray): START, a START and a COMPLETE per stage
+    """``curate`` end to end (embedded Prefect; no Ray for this small input): START, a START and a COMPLETE per stage
     with the manifest's counts, COMPLETE with the input file and the published version."""
     from flows.curate import curate
     from schemas.recipe import CurateRecipe

@@ -1,4 +1,5 @@
-"""`distillery curate` end to end (embedded Prefect, local Ray, no generation): quality filters,
+"""`distillery curate` end to end (the session's Prefect server, no generation; inputs this small
+need no Ray: their signatures fit in one task): quality filters,
 benchmark decontamination, dedup, and a second run that dedups against the first version."""
 
 import json
