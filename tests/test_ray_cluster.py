@@ -235,8 +235,8 @@ def _curate_input(path: Path, rows: int) -> None:
 
 @pytest.mark.slow
 def test_curate_through_ray_address_runs_tasks_on_both_nodes(tmp_path, shared_prefect):
-    """60,000 rows: dedup computes MinHash signatures in 50k-row Ray tasks (tasks/dedup.py: two
-    here, submitted together); with one CPU per node, the second goes to the node the first
+    """60,000 rows: dedup computes MinHash signatures in Ray tasks of ``dedup.signature_task_rows``
+    (50,000 by default; tasks/dedup.py: two here, submitted together); with one CPU per node, the second goes to the node the first
     leaves free."""
     source = tmp_path / "rows.parquet"
     _curate_input(source, ROWS)
