@@ -9,8 +9,6 @@ import polars as pl
 import pytest
 
 from distillery.stages.ingest import ingest_seeds
-from datasets import load_dataset
-
 from distillery.formats import export_version
 from distillery.store import Store
 from schemas.recipe import load_recipe
@@ -63,6 +61,8 @@ def test_a_run_publishes_step_labels_whose_counts_and_rollouts_add_up(scripted, 
     assert manifest["companions"]["process_supervision"].endswith("rewards-best-of-n-steps/v0001")
 
     # exported, it is TRL's stepwise-supervision layout, and datasets opens it as it is
+    from datasets import load_dataset  # here: seconds to import, and every xdist worker collects this module
+
     out = tmp_path / "steps-export"
     export_version(Store(str(tmp_path / "store")), steps_manifest, out, fmt="jsonl")
     loaded = load_dataset(str(out), cache_dir=str(tmp_path / "hf"))["train"]

@@ -8,13 +8,9 @@ import json
 import subprocess
 import sys
 
-import duckdb
 import polars as pl
 import pytest
 import yaml
-from datasets import load_dataset
-from transformers import AutoTokenizer
-from trl.data_utils import is_conversational, maybe_apply_chat_template
 
 from distillery.formats import ExportError, export_version, split_of
 from distillery.stages.ingest import ingest_seeds
@@ -73,6 +69,8 @@ def test_published_rows_carry_their_conversation_and_split(published):
 
 
 def test_duckdb_reads_a_published_version_in_place(published):
+    import duckdb
+
     _, _, manifest, _, uri, _ = published
     data = str(uri / "data" / "*.parquet")
     n, problems, same = duckdb.sql(
@@ -83,6 +81,12 @@ def test_duckdb_reads_a_published_version_in_place(published):
 
 
 def test_an_sft_export_loads_with_datasets_and_templates_with_trl(published, tmp_path, embedded_model):
+    # imported here, not at the top: datasets, transformers and trl take seconds to import, and
+    # every xdist worker collects this module, most without running it
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    from trl.data_utils import is_conversational, maybe_apply_chat_template
+
     recipe, store, manifest, _, uri, _ = published
     out = tmp_path / "sft-export"
     exported = export_version(store, manifest, out)  # the version's own split (publish.test_share)
@@ -112,6 +116,12 @@ def test_an_sft_export_loads_with_datasets_and_templates_with_trl(published, tmp
 
 
 def test_a_pairs_export_in_jsonl_loads_as_dpo_rows(published, tmp_path, embedded_model):
+    # imported here, not at the top: datasets, transformers and trl take seconds to import, and
+    # every xdist worker collects this module, most without running it
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    from trl.data_utils import is_conversational, maybe_apply_chat_template
+
     recipe, store, _, pairs_manifest, _, pairs_uri = published
     out = tmp_path / "pairs-export"
     # through the CLI: STORE/NAME (the latest version), a split of its own
