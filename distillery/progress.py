@@ -7,8 +7,8 @@ counts (``progress()`` of the pool, which answers while they generate, so the fi
 each finished request, not each finished shard) and reports them:
 
 - in a terminal (standard error is a TTY): a progress bar (tqdm), redrawn at each report;
-- otherwise: a plain log line, e.g. ``generation: 130/512 requests (25%), 241 output tok/s, about
-  2m05s left``;
+- otherwise: a plain log line, e.g. ``generation: 130/512 requests (25%), 256 in the engines, 241
+  output tok/s, about 2m05s left`` (the requests the engines hold now, where they count them);
 - in the Prefect UI: a progress artifact (``generation-progress``), created at the first report
   and updated at each one after.
 
@@ -69,23 +69,25 @@ class GenerationProgress:
         """Requests done (engine-side finished, or at least what came back), total, tokens/s, ETA."""
         now = self.clock()
         counts = self._engine_counts()
-        done, tokens = self.returned, self.returned_tokens
+        done, tokens, in_engines = self.returned, self.returned_tokens, None
         if counts is not None:  # the engines count each request as it finishes, the cache's hits too
             done = max(done, counts.get("done", 0) - self._base.get("done", 0))
             tokens = max(tokens, counts.get("tokens", 0) - self._base.get("tokens", 0))
+            in_engines = counts.get("in_flight")  # requests the engines hold now (vLLM engines count them)
         done = min(done, self.planned)
         elapsed = max(now - self.started, 1e-9)
         rate = done / elapsed
         left = (self.planned - done) / rate if rate > 0 else None
         return {
-            "elapsed_s": round(elapsed, 1), "done": done, "total": self.planned,
+            "elapsed_s": round(elapsed, 1), "done": done, "total": self.planned, "in_engines": in_engines,
             "tokens_per_s": round(tokens / elapsed, 1), "eta_s": None if left is None else round(left, 1),
         }
 
     def line(self, snap: dict) -> str:
         share = f" ({100 * snap['done'] / snap['total']:.0f}%)" if snap["total"] else ""
+        held = "" if snap.get("in_engines") is None else f", {snap['in_engines']} in the engines"
         eta = "" if snap["eta_s"] is None else f", about {duration(snap['eta_s'])} left"
-        return f"{self.label}: {snap['done']}/{snap['total']} requests{share}, {snap['tokens_per_s']:.0f} output tok/s{eta}"
+        return f"{self.label}: {snap['done']}/{snap['total']} requests{share}{held}, {snap['tokens_per_s']:.0f} output tok/s{eta}"
 
     def tick(self, force: bool = False) -> None:
         now = self.clock()

@@ -32,6 +32,19 @@ def test_counts_come_from_the_engines_since_the_start(caplog):
     assert line == "generation: 25/100 requests (25%), 250 output tok/s, about 30s left"
 
 
+def test_the_requests_the_engines_hold_are_shown_where_they_count_them(caplog):
+    gen = Counting()
+    logger = logging.getLogger("test-progress-held")
+    progress = GenerationProgress(gen, logger, every_s=3600, bar=False, artifact=False)
+    progress.submitted(100)
+    gen.counts = {"done": 50, "tokens": 5000, "in_flight": 64}  # EngineLoop.stats: 64 requests in the batch
+    with caplog.at_level(logging.INFO, logger="test-progress-held"):
+        progress.tick(force=True)
+    assert progress.reports[-1]["in_engines"] == 64
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("generation: 10/100 requests (10%), 64 in the engines, ")
+
+
 def test_without_engine_counts_what_came_back_counts():
     progress = GenerationProgress(object(), logging.getLogger("x"), every_s=3600, bar=False, artifact=False)
     progress.submitted(10)

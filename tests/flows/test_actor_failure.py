@@ -126,8 +126,8 @@ def test_a_batch_whose_engine_was_killed_once_is_resubmitted_whole(local_ray):
 # ---- the real flow, with the real vLLM actor killed mid-batch ------------------------------
 
 # 16 problems in 8 shards of 2, all in the engine's batch at once (continuous batching): the kill
-# comes when a progress line (every 1 s here) says some requests are done but not all, so it
-# lands while the engine holds the rest, from several shards.
+# comes when a progress line (every 1 s here) says the engine holds requests and not all are done,
+# so it lands while the engine holds them, from several shards.
 PROBLEMS = 16
 RECIPE = f"""
 name: actor-failure
@@ -194,21 +194,23 @@ def test_run_completes_when_the_vllm_actor_is_killed_mid_batch(tmp_path, shared_
     cmd = [sys.executable, "-m", "distillery.cli", "run", str(recipe), "--store", str(store)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr: list[str] = []
-    some_done = threading.Event()
+    in_engine = threading.Event()
 
     def read_stderr():
         for line in proc.stderr:
             stderr.append(line)
-            progress = re.search(r"generation: (\d+)/(\d+) requests", line)
-            if progress and 0 < int(progress[1]) < int(progress[2]):
-                some_done.set()
+            progress = re.search(r"generation: (\d+)/(\d+) requests \(\d+%\), (\d+) in the engines", line)
+            if progress and int(progress[1]) < int(progress[2]) and int(progress[3]) > 0:
+                in_engine.set()
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
     killed, engine_core = [], []
     try:
-        # Some requests are done, not all: the engine holds the others. Kill it now.
-        wait_for_event_or_exit(proc, some_done, 600, "no progress line with some but not all requests done", lambda: "".join(stderr[-60:]))
+        # The engine holds requests (the progress line counts them) and not all are done: kill it
+        # once it computes. (Waiting for the first finished request instead left, on a busy
+        # machine, too little time before the last one: the kill then came after the batch.)
+        wait_for_event_or_exit(proc, in_engine, 600, "no progress line with requests in the engine", lambda: "".join(stderr[-60:]))
         victims = _engine_processes(proc.pid)
         assert len(victims) == 1, victims
         engine_core = victims[0].children(recursive=True)
