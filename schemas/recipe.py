@@ -14,12 +14,8 @@ Recipe YAML (the file, ``--set`` values, a deployment's ``overrides``) is loaded
 recipe file over ``MAX_RECIPE_BYTES`` (1 MiB) is refused unread.
 
 Templates from recipes (``generation.prompt_template``, ``score.judge.template``) are untrusted
-code: :func:`check_template` parses them, refuses attribute or item names that start with ``_``
-(the way into Python's internals: ``cycler.__init__.__globals__``), ``include``/``extends``/
-``import``, and renders them once with sample values in Jinja2's sandbox (an undefined variable,
-a sandbox violation, more than ``MAX_TEMPLATE_CHARS`` of output or more than
-``TEMPLATE_RENDER_SECONDS`` are errors naming the field). The stages render them in the sandbox
-too (:func:`sandboxed_environment`).
+code, checked by :func:`schemas.templates.check_template` (a trial render in the sandbox, in a
+child process with its CPU time and memory capped) when the recipe is validated.
 """
 
 from __future__ import annotations
@@ -27,21 +23,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schemas.templates import check_template
+
 DATASET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 MAX_RECIPE_BYTES = 1 << 20
 MAX_YAML_VALUES = 100_000  # values (scalars, lists, mappings) of a recipe with its aliases expanded
 MAX_YAML_DEPTH = 64
-MAX_TEMPLATE_CHARS = 1_000_000  # a recipe template's trial render
-TEMPLATE_RENDER_SECONDS = 2.0
 
 
 class YamlRefused(ValueError):
@@ -158,115 +152,6 @@ def load_yaml(text: str | bytes, *, max_values: int = MAX_YAML_VALUES, max_depth
         return loader.construct_document(node)
     finally:
         loader.dispose()
-
-
-# -- templates from recipes ------------------------------------------------------------------
-def sandboxed_environment(**options: Any):
-    """The Jinja2 environment that renders templates: ``ImmutableSandboxedEnvironment`` (no
-    attributes starting with ``_``, no mutating methods, bounded ``range``), strict undefined, and
-    an unsafe attribute is a ``SecurityError`` at once (Jinja's own sandbox returns an undefined
-    value that fails only when used, and ``attr`` chains can hide it)."""
-    import jinja2
-    from jinja2.exceptions import SecurityError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Sandbox(ImmutableSandboxedEnvironment):
-        def unsafe_undefined(self, obj: Any, attribute: str):
-            msg = f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
-            raise SecurityError(msg)
-
-    return Sandbox(undefined=jinja2.StrictUndefined, autoescape=False, **options)
-
-
-_SANDBOX = None
-
-
-def _sandbox():
-    global _SANDBOX
-    if _SANDBOX is None:
-        _SANDBOX = sandboxed_environment(keep_trailing_newline=True)
-    return _SANDBOX
-
-
-def _static_problems(ast) -> str | None:
-    from jinja2 import nodes
-
-    for node in ast.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter, nodes.Include, nodes.Extends, nodes.Import, nodes.FromImport)):
-        if isinstance(node, (nodes.Include, nodes.Extends, nodes.Import, nodes.FromImport)):
-            return f"line {node.lineno}: a template from a recipe cannot include, extend or import other templates"
-        name = None
-        if isinstance(node, nodes.Getattr):
-            name = node.attr
-        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
-            name = node.arg.value
-        elif isinstance(node, nodes.Filter) and node.name == "attr" and node.args and isinstance(node.args[0], nodes.Const):
-            name = node.args[0].value
-        if isinstance(name, str) and name.startswith("_"):
-            return f"line {node.lineno}: attribute '{name}': names starting with '_' are not allowed in templates (they reach Python's internals)"
-    return None
-
-
-class _TooMuchOutput(ValueError):
-    pass
-
-
-@lru_cache(maxsize=256)
-def check_template(source: str, variables: tuple[str, ...]) -> None:
-    """Refuse a recipe template (ValueError, the message for its field) that does not parse, uses
-    names starting with ``_``, includes other templates, or fails a trial render in the sandbox
-    with sample values of ``variables`` (an undefined variable, a sandbox violation, too much
-    output, too slow)."""
-    import jinja2
-
-    env = _sandbox()
-    try:
-        ast = env.parse(source)
-    except jinja2.TemplateSyntaxError as err:
-        msg = f"not a valid Jinja2 template: {err}"
-        raise ValueError(msg) from None
-    except RecursionError:
-        msg = "not a valid Jinja2 template: nested too deeply"
-        raise ValueError(msg) from None
-    problem = _static_problems(ast)
-    if problem:
-        raise ValueError(f"refused template: {problem}")
-    template = env.from_string(source)
-    sample = {name: f"sample {name}" for name in variables}
-    outcome: dict[str, Exception] = {}
-
-    def render() -> None:
-        try:
-            size = 0
-            for chunk in template.generate(**sample):
-                size += len(chunk)
-                if size > MAX_TEMPLATE_CHARS:
-                    msg = f"refused template: it renders more than {MAX_TEMPLATE_CHARS:,} characters for a sample {'/'.join(variables)}"
-                    raise _TooMuchOutput(msg)
-        except Exception as err:  # noqa: BLE001 (any failure is the template's)
-            outcome["error"] = err
-
-    worker = threading.Thread(target=render, name="template-trial-render", daemon=True)
-    worker.start()
-    worker.join(TEMPLATE_RENDER_SECONDS)
-    if worker.is_alive():
-        msg = f"refused template: it did not finish rendering a sample {'/'.join(variables)} within {TEMPLATE_RENDER_SECONDS:g} s"
-        raise ValueError(msg)
-    err = outcome.get("error")
-    if err is None:
-        return
-    from jinja2.exceptions import SecurityError, UndefinedError
-
-    if isinstance(err, _TooMuchOutput):
-        msg = str(err)
-    elif isinstance(err, SecurityError):
-        msg = f"refused template: the sandbox stopped it ({err})"
-    elif isinstance(err, UndefinedError):
-        msg = f"the template fails with sample values: {err} (it can use: {', '.join(variables)})"
-    elif isinstance(err, RecursionError):
-        msg = "the template fails with sample values: it recurses too deeply"
-    else:
-        msg = f"the template fails with sample values: {type(err).__name__}: {err}"
-    raise ValueError(msg)
 
 
 def _dataset_name(value: str | None) -> str | None:

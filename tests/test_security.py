@@ -416,13 +416,21 @@ def test_recipe_templates_are_sandboxed_and_checked_before_anything_starts(tmp_p
     for template, message in [
         ("{{ questoin }}", "the template fails with sample values: 'questoin' is undefined (it can use: question)"),
         ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "did not finish rendering a sample question within 2 s"),
+        # a huge power is computed in C, holding the GIL: only ending the render's process stops it
+        ("{% set n = question|length %}{% if (n * 1000) ** (n * 10000000) > 3 %}big{% endif %}", "did not finish rendering a sample question within 2 s"),
         ("{% for i in range(100000) %}{{ question * 100 }}{% endfor %}", "renders more than 1,000,000 characters"),
+        ("{{ question * 10 ** 9 }}", "needs more than 1,024 MiB of memory to render a sample question"),
         ("{{ " * 5000 + "question" + " }}" * 5000, "not a valid Jinja2 template"),
     ]:
         started = time.monotonic()
         with pytest.raises(RecipeError, match=re.escape(message)):
             load_recipe("recipes/gsm8k-cot.yaml", [f"seeds.path={seeds}", f"generation.prompt_template={template}"])
         assert time.monotonic() - started < 10
+    # ... and nothing of them goes on running here: a render left in a thread of this process kept
+    # spinning (and holding the GIL) for the rest of the process's life
+    cpu = time.process_time()
+    time.sleep(1.0)
+    assert time.process_time() - cpu < 0.5
 
 
 def _billion_laughs() -> str:

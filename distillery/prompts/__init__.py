@@ -49,7 +49,7 @@ def _sources(env: jinja2.Environment, name: str, seen: set[str]) -> list[str]:
 @lru_cache(maxsize=64)
 def load_template(strategy: str, name: str) -> PromptTemplate:
     """``distillery/prompts/<strategy>/<name>.j2``; an unknown name is an error that lists the known ones."""
-    from schemas.recipe import sandboxed_environment
+    from schemas.templates import sandboxed_environment
 
     env = sandboxed_environment(loader=jinja2.FileSystemLoader(PROMPTS / strategy), keep_trailing_newline=True)  # shipped, but values are data: sandboxed too
     try:

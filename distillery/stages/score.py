@@ -22,7 +22,7 @@ import polars as pl
 
 from distillery.accounting import StageResult
 from distillery.stages.synthesize import sampling_seed
-from schemas.recipe import sandboxed_environment
+from schemas.templates import sandboxed_environment
 
 JUDGE_TEMPLATE = (
     "You are grading a student's solution to a math problem.\n\n"

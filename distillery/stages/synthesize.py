@@ -14,7 +14,8 @@ from typing import Any
 import polars as pl
 
 from distillery.accounting import StageResult
-from schemas.recipe import GenerationConfig, sandboxed_environment
+from schemas.recipe import GenerationConfig
+from schemas.templates import sandboxed_environment
 
 _JINJA = sandboxed_environment(keep_trailing_newline=True)  # recipe templates are untrusted: Jinja2's sandbox
 
