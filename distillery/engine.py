@@ -152,10 +152,27 @@ def with_resolved_dtype(engine: EngineConfig, model_path: str | None = None) -> 
 # The CPU engine's core runs in the engine's own process, not in two more (engine core and
 # worker): on 2 cores it starts in about 4 s instead of 20 and generates about 1.4x faster (no
 # busy-polling engine-core process beside the model's threads; bench/cpu_engine.py measures
-# both). Not where llvmlite (numba, which distillery.minhash uses) is loaded: vLLM 0.32's kernel
-# rebinding then scans that process's modules and fails on one of llvmlite's objects. An engine
-# actor imports this module only; a user's VLLM_ENABLE_V1_MULTIPROCESSING wins.
+# both). A user's VLLM_ENABLE_V1_MULTIPROCESSING wins.
 _USER_MULTIPROCESSING = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+
+
+def _llvmlite_safe_for_vllm() -> bool:
+    """Whether vLLM can start its engine core in this process next to llvmlite (numba, which
+    ``distillery.minhash`` uses). vLLM 0.32's kernel rebinding (``_rebind_kernels`` in
+    ``vllm/triton_utils/dispatcher.py``) reads ``vars()`` of every attribute of every loaded
+    module; llvmlite's ``binding.ffi.lib`` answers any attribute name, ``__dict__`` included,
+    with a C-function wrapper, and the scan fails on it (``'_lib_fn_wrapper' object has no
+    attribute 'get'``). Its table of answers is given an empty ``__dict__`` (llvmlite never asks
+    for that name); where that table is not there (another llvmlite), ``False``: the engine core
+    then runs in its own process, as vLLM's default does."""
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    if ffi is None:
+        return True
+    table = getattr(getattr(ffi, "lib", None), "_fntab", None)
+    if not isinstance(table, dict):
+        return False
+    table.setdefault("__dict__", {})
+    return True
 
 
 def apply_cpu_settings(engine: EngineConfig) -> None:
@@ -167,7 +184,7 @@ def apply_cpu_settings(engine: EngineConfig) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(engine.kv_cache_gib))))
     os.environ.update(cpu_engine_env(engine.replicas))
     if _USER_MULTIPROCESSING is None:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if "llvmlite.binding.ffi" in sys.modules else "0"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if _llvmlite_safe_for_vllm() else "1"
 
 
 class _OwnsEngineCore:

@@ -104,3 +104,28 @@ def test_an_engine_process_gets_those_settings_before_vllm_starts(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     apply_cpu_settings(EngineConfig(gpus_per_replica=1))  # GPU engines: left alone
     assert os.environ["OMP_NUM_THREADS"] == "1"
+
+
+def test_the_engine_core_stays_in_process_next_to_numba():
+    """vLLM's kernel rebinding scans every loaded module's attributes with ``vars()``; llvmlite's
+    ``ffi.lib`` (loaded with numba, which dedup uses) broke that scan, so a process that had run
+    dedup had to start its engine core in a process of its own. In a fresh interpreter with numba
+    loaded, ``apply_cpu_settings`` keeps the core in process and vLLM's own scan goes through."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import os, numba
+from distillery.engine import apply_cpu_settings
+from schemas.recipe import EngineConfig
+apply_cpu_settings(EngineConfig())
+print(os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"])
+from vllm.triton_utils.dispatcher import _rebind_kernels
+_rebind_kernels([])  # the scan register_kernels runs when the engine core starts
+print("scanned")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["0", "scanned"]
